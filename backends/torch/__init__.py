@@ -1,0 +1,1 @@
+"""The torch code generator (templates in templates/). Not yet implemented: see the backend issues."""

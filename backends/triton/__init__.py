@@ -1,0 +1,1 @@
+"""The triton code generator (templates in templates/). Not yet implemented: see the backend issues."""

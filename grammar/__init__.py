@@ -1,0 +1,1 @@
+"""The .seq grammar, shipped as package data (installed as ``seqdsl.grammar``)."""

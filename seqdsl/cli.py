@@ -1,0 +1,192 @@
+"""The ``seqdsl`` command line.
+
+    seqdsl check FILE...             diagnostics, or "ok" per file
+    seqdsl ir FILE [--after PASS]    the IR in its stable text form
+    seqdsl info FILE                 parameters, decoding memory and FLOPs per token, per layer
+
+User mistakes print ``path:line:col: error: ...`` with the source line and a caret, and exit
+with status 1; a Python traceback appears only with ``SEQDSL_DEBUG=1``. Usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from typing import Sequence
+
+from seqdsl import __version__
+from seqdsl.diagnostics import SpecError
+
+EPILOG = "Set SEQDSL_DEBUG=1 to see Python tracebacks for spec errors."
+
+
+def _debug() -> bool:
+    return os.environ.get("SEQDSL_DEBUG", "") not in ("", "0")
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise SystemExit(f"seqdsl: error: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load(path: str, args, until: str | None = None):
+    import seqdsl
+    return seqdsl.load(path, until=until, **_overrides(args.set))
+
+
+def _report(err: SpecError) -> None:
+    print(err.render(), file=sys.stderr)
+    n = len(err.diagnostics)
+    print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
+    if _debug():
+        traceback.print_exc()
+
+
+def cmd_check(args) -> int:
+    from seqdsl.analysis import human, model_info
+
+    failed = 0
+    total = 0.0
+    for path in args.files:
+        start = time.perf_counter()
+        try:
+            program = _load(path, args)
+        except SpecError as err:
+            total += time.perf_counter() - start
+            _report(err)
+            failed += 1
+            continue
+        total += time.perf_counter() - start
+        if program.spec.model is None:
+            print(f"{path}: ok (library: {len(program.spec.definitions)} definitions)")
+        else:
+            info = model_info(program)
+            print(f"{path}: ok ({len(program.layers)} layers, {human(info.total_params)} parameters)")
+    if args.time:
+        print(f"compiler time: {total * 1000:.1f} ms for {len(args.files)} file(s)")
+    return 1 if failed else 0
+
+
+def cmd_ir(args) -> int:
+    from seqdsl.ir.printer import format_program
+
+    try:
+        program = _load(args.file, args, until=args.after)
+    except SpecError as err:
+        _report(err)
+        return 1
+    sys.stdout.write(format_program(program))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from seqdsl.analysis import human, human_bytes, model_info
+
+    try:
+        program = _load(args.file, args)
+    except SpecError as err:
+        _report(err)
+        return 1
+    if program.spec.model is None:
+        print(f"{args.file}: a library file (no model); nothing to report")
+        return 0
+    info = model_info(program, context=args.context, activation_dtype=args.dtype)
+    rows = [("layer", "block", "params", "state/seq", "kv/token", "FLOPs/token")]
+    for l in info.layers:
+        rows.append((str(l.index), l.block, f"{l.params:,}", human_bytes(l.state_bytes),
+                     human_bytes(l.kv_bytes_per_token), human(l.flops)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"model {program.spec.model.name} ({args.file})")
+    for i, r in enumerate(rows):
+        print("  " + "  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    print()
+    print(f"  embedding          {info.embedding_params:,}")
+    print(f"  head               {info.head_params:,}" + ("  (tied to the embedding)" if info.head_params == 0 else ""))
+    print(f"  final norm         {info.final_norm_params:,}")
+    if info.shared_params:
+        print(f"  shared values      {info.shared_params:,}")
+    print(f"  total parameters   {info.total_params:,} ({human(info.total_params)})")
+    print(f"  decoding state     {human_bytes(info.state_bytes)} per sequence "
+          f"(recurrent states in their state dtype, conv tails and KV windows in {args.dtype})")
+    if info.kv_bytes_per_token:
+        print(f"  growing KV cache   {human_bytes(info.kv_bytes_per_token)} per token of context")
+    print(f"  forward FLOPs      {human(info.flops_per_token)} per token at context {args.context}")
+    if args.states:
+        print()
+        for name, inst in program.blocks.items():
+            for s in inst.states:
+                shape = "[" + ", ".join(str(d) for d in s.shape) + "]"
+                print(f"  {name}: {s.kind:9s} {s.name} {shape} {s.dtype} — {s.detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from seqdsl.passes import PASS_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="seqdsl", description="Compile sequence-model specs (.seq files).", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"seqdsl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add_set(p):
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a hyper-parameter: d=512 (the model's) or mamba.expand=4 "
+                            "(a definition's default); repeatable")
+
+    p = sub.add_parser("check", help="check specs and report errors",
+                       description="Parse, validate and lower each FILE; print 'ok' or the errors.",
+                       epilog=EPILOG)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    add_set(p)
+    p.add_argument("--time", action="store_true", help="print the compiler time spent")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("ir", help="print the IR of a spec",
+                       description="Print the IR in its stable text form, after the last pass or "
+                                   "after --after PASS.", epilog=EPILOG)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--after", choices=PASS_NAMES, metavar="PASS",
+                   help="stop after this pass: " + ", ".join(PASS_NAMES))
+    add_set(p)
+    p.set_defaults(func=cmd_ir)
+
+    p = sub.add_parser("info", help="parameters, decoding memory and FLOPs per layer",
+                       description="Report parameter counts per layer and in total, the memory a "
+                                   "sequence carries while decoding, and forward FLOPs per token, "
+                                   "all computed from the IR.", epilog=EPILOG)
+    p.add_argument("file", metavar="FILE")
+    add_set(p)
+    p.add_argument("--context", type=int, default=2048, metavar="T",
+                   help="context length for attention FLOPs (default 2048)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="activation dtype for conv tails and KV caches (default bfloat16)")
+    p.add_argument("--states", action="store_true", help="list every state of every block")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as err:  # e.g. a malformed --set value
+        _report(err)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Parsing: .seq text → lark parse tree → AST (stage 1 of the pipeline).
+
+The grammar lives in ``grammar/seq.lark`` (installed as ``seqdsl.grammar``). Parsing uses lark's
+LALR(1) parser with a contextual lexer; a small post-lexer drops newlines inside brackets so calls
+and lists may span lines. Syntax errors become :class:`SpecError` with the offending token's span
+and a human list of what was expected.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.lexer import Lexer
+
+from seqdsl.diagnostics import SourceRegistry, Span, error
+from seqdsl.frontend import ast
+
+# Human names for terminals, used in "expected ..." messages.
+_TERMINAL_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "LPAR": "'('", "RPAR": "')'",
+    "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','",
+    "EQUAL": "'='", "SEMICOLON": "';'", "_NL": "a newline", "$END": "end of file",
+    "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '//' or '%'", "POW_OP": "'**'",
+    "CMP_OP": "a comparison", "BLOCK": "'block'", "MIXER": "'mixer'",
+    "CHANNEL": "'channel'", "FN": "'fn'",
+    "OR": "'or'", "AND": "'and'", "NOT": "'not'", "TRUE": "'true'", "FALSE": "'false'",
+    "NONE": "'none'", "IF": "'if'", "ELSE": "'else'", "FOR": "'for'", "IN": "'in'",
+    "IMPORT": "'import'", "MODEL": "'model'", "SHARED": "'shared'", "RETURN": "'return'",
+    "DOT": "'.'", "COLON": "':'",
+}
+
+_OPEN = {"LPAR", "LSQB"}
+_CLOSE = {"RPAR", "RSQB"}
+
+
+class _BracketPostLex:
+    """Drops newline tokens inside (...) and [...], so expressions may span several lines."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth = 0
+        for tok in stream:
+            if tok.type in _OPEN:
+                depth += 1
+            elif tok.type in _CLOSE:
+                depth = max(depth - 1, 0)
+            elif tok.type == "_NL" and depth > 0:
+                continue
+            yield tok
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    text = importlib.resources.files("seqdsl.grammar").joinpath("seq.lark").read_text()
+    return Lark(text, parser="lalr", lexer="contextual", postlex=_BracketPostLex(),
+                propagate_positions=True, maybe_placeholders=True, start=["start", "expr"])
+
+
+def _tok_span(path: str, tok: Token) -> Span:
+    return Span(path, tok.line, tok.column, tok.end_line or tok.line,
+                tok.end_column or tok.column + len(str(tok)))
+
+
+def _meta_span(path: str, meta) -> Span:
+    return Span(path, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _number(text: str) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)
+    return int(text)
+
+
+class _ToAst(Transformer):
+    """Turns lark's tree into :mod:`seqdsl.frontend.ast` nodes."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def _span(self, meta) -> Span:
+        return _meta_span(self.path, meta)
+
+    def _tspan(self, tok: Token) -> Span:
+        return _tok_span(self.path, tok)
+
+    # -- atoms
+    @v_args(meta=True)
+    def number(self, meta, children):
+        return ast.Number(_number(str(children[0])), self._span(meta))
+
+    @v_args(meta=True)
+    def string(self, meta, children):
+        return ast.String(str(children[0])[1:-1], self._span(meta))
+
+    @v_args(meta=True)
+    def true(self, meta, children):
+        return ast.Bool(True, self._span(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, children):
+        return ast.Bool(False, self._span(meta))
+
+    @v_args(meta=True)
+    def none(self, meta, children):
+        return ast.NoneLit(self._span(meta))
+
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return ast.Name(str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return ast.ListExpr(tuple(c for c in children if c is not None), self._span(meta))
+
+    @v_args(meta=True)
+    def comprehension(self, meta, children):
+        element, var, iterable = children
+        return ast.Comprehension(element, str(var), iterable, self._span(meta), self._tspan(var))
+
+    # -- operators
+    @v_args(meta=True)
+    def binop(self, meta, children):
+        left, op, right = children
+        return ast.BinOp(str(op), left, right, self._span(meta), self._tspan(op))
+
+    boolop = binop
+    compare = binop
+
+    @v_args(meta=True)
+    def unary(self, meta, children):
+        op, operand = children
+        return ast.UnaryOp(str(op), operand, self._span(meta))
+
+    @v_args(meta=True)
+    def ifexp(self, meta, children):
+        then, cond, orelse = children
+        return ast.IfExp(cond, then, orelse, self._span(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func, arguments = children
+        args, kwargs = [], []
+        for a in arguments or ():
+            (kwargs if isinstance(a, ast.Keyword) else args).append(a)
+        return ast.Call(str(func), tuple(args), tuple(kwargs), self._span(meta), self._tspan(func))
+
+    def arguments(self, children):
+        return [c for c in children if c is not None]
+
+    @v_args(meta=True)
+    def keyword(self, meta, children):
+        key, value = children
+        quoted = key.type == "STRING"
+        name = str(key)[1:-1] if quoted else str(key)
+        return ast.Keyword(name, value, self._tspan(key), quoted)
+
+    @v_args(meta=True)
+    def index(self, meta, children):
+        value, idx = children
+        return ast.Index(value, idx, self._span(meta))
+
+    # -- statements
+    @v_args(meta=True)
+    def assign(self, meta, children):
+        *targets, value = children
+        return ast.Assign(tuple(str(t) for t in targets), tuple(self._tspan(t) for t in targets),
+                          value, self._span(meta))
+
+    @v_args(meta=True)
+    def shared(self, meta, children):
+        name, value = children
+        return ast.Shared(str(name), value, self._span(meta), self._tspan(name))
+
+    @v_args(meta=True)
+    def return_stmt(self, meta, children):
+        return ast.Return(children[0], self._span(meta))
+
+    def body(self, children):
+        return tuple(c for c in children if c is not None)
+
+    @v_args(meta=True)
+    def param(self, meta, children):
+        name, default = children
+        return ast.Param(str(name), default, self._tspan(name))
+
+    def params(self, children):
+        return tuple(c for c in children if c is not None)
+
+    @v_args(meta=True)
+    def definition(self, meta, children):
+        kind, name, params, body = children
+        return ast.Definition(str(kind), str(name), params or (), body, self._span(meta),
+                              self._tspan(name))
+
+    @v_args(meta=True)
+    def model_def(self, meta, children):
+        name, params, body = children
+        return ast.ModelDef(str(name), params or (), body, self._span(meta), self._tspan(name))
+
+    @v_args(meta=True)
+    def import_stmt(self, meta, children):
+        return ast.Import(str(children[0])[1:-1], self._span(meta))
+
+    def start(self, children):
+        items = [c for c in children if c is not None]
+        return ast.Module(
+            self.path,
+            tuple(i for i in items if isinstance(i, ast.Import)),
+            tuple(i for i in items if isinstance(i, ast.Definition)),
+            tuple(i for i in items if isinstance(i, ast.ModelDef)),
+        )
+
+
+def _expected(exc: UnexpectedInput) -> str:
+    terminals = {t for t in (exc.expected or ()) if not t.startswith("__")}
+    if len(terminals) > 1:
+        terminals.discard("_NL")  # the post-lexer always accepts newlines; rarely informative
+    names = sorted({_TERMINAL_NAMES.get(t, f"'{t.lower()}'") for t in terminals})
+    if not names:
+        return ""
+    if len(names) > 8:
+        names = names[:8] + ["..."]
+    return "expected " + ", ".join(names)
+
+
+def _describe(tok: Token) -> str:
+    if tok.type == "_NL":
+        return "end of line"
+    if tok.type == "$END":
+        return "end of file"
+    return f"'{tok}'"
+
+
+def parse(text: str, path: str = "<string>", start: str = "start"):
+    """Parse one file's text into an AST Module (or an expression with ``start="expr"``);
+    raises SpecError on a syntax error."""
+    SourceRegistry.add(path, text)
+    if start == "start" and not text.endswith("\n"):
+        text += "\n"
+    try:
+        tree = _parser().parse(text, start=start)
+    except UnexpectedToken as exc:
+        tok = exc.token
+        if tok.type == "$END":
+            line = text.rstrip("\n").count("\n") + 1
+            span = Span(path, line, len(text.rstrip("\n").split("\n")[-1]) + 1, line,
+                        len(text.rstrip("\n").split("\n")[-1]) + 2)
+        else:
+            span = _tok_span(path, tok)
+            if tok.type == "_NL":
+                span = Span(path, tok.line, tok.column, tok.line, tok.column + 1)
+        hint = _hint_for(exc)
+        raise error(span, f"unexpected {_describe(tok)}; {_expected(exc)}".rstrip("; "),
+                    hint) from None
+    except UnexpectedCharacters as exc:
+        span = Span(path, exc.line, exc.column, exc.line, exc.column + 1)
+        ch = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else "?"
+        hint = "strings use double quotes" if ch == "'" else None
+        raise error(span, f"unexpected character {ch!r}", hint) from None
+    except UnexpectedEOF as exc:  # pragma: no cover - LALR reports $END as UnexpectedToken
+        line = text.count("\n")
+        raise error(Span(path, line, 1, line, 2), f"unexpected end of file; {_expected(exc)}") \
+            from None
+    return _ToAst(path).transform(tree)
+
+
+def _hint_for(exc: UnexpectedToken) -> str | None:
+    expected = set(exc.expected or ())
+    tok = exc.token
+    if tok.type == "_NL" and "RPAR" in expected:
+        return "a '(' is not closed"
+    if tok.type == "_NL" and "RSQB" in expected:
+        return "a '[' is not closed"
+    if tok.type == "$END" and "RBRACE" in expected:
+        return "a '{' is not closed"
+    if tok.type == "EQUAL" and "EQUAL" not in expected:
+        return "use '==' to compare; '=' only assigns or names a keyword argument"
+    if tok.type == "NAME" and "EQUAL" in expected:
+        return "a statement is 'name = expression', 'shared name = expression' or 'return expression'"
+    return None
+
+
+def parse_value(text: str, origin: str) -> object:
+    """Parse a literal given on the command line (``512``, ``1e-3``, ``true``, ``"gelu"``).
+
+    A bare word that is not a literal is taken as a string, so ``--set act=gelu`` works.
+    """
+    from seqdsl.frontend.consteval import ConstEvaluator
+
+    stripped = text.strip()
+    if stripped.isidentifier() and stripped not in ("true", "false", "none"):
+        return stripped
+    expr = parse(stripped, origin, start="expr")
+    return ConstEvaluator({}, what=f"the value of {origin}").eval(expr)

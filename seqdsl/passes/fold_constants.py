@@ -1,0 +1,152 @@
+"""Pass 4 — constant folding: evaluate everything that depends only on hyper-parameters.
+
+Arithmetic on constants, constant-only functions (``ceil``, ``min``...), lists, init rules and
+conditionals with a constant condition become CONST nodes. Each folded constant keeps a symbolic
+spelling (``2 * e``, ``ceil(d / 16)``) that shape inference turns into readable dims. The untaken
+branch of a conditional is removed, with everything only it used.
+"""
+
+from __future__ import annotations
+
+from seqdsl.diagnostics import Collector, error
+from seqdsl.ir.builtins import INIT_RULES, InitRule
+from seqdsl.ir.graph import BlockInstance, Graph, Program
+from seqdsl.ir.ops import BINARY_ARITH, COMPARE, Op
+from seqdsl.ir.values import BINARY, FUNCTIONS, is_number, type_name
+
+_SYMBOL = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.FLOORDIV: "//", Op.MOD: "%",
+           Op.POW: "**"}
+
+
+def _sym_of(node) -> str:
+    s = node.attr("sym")
+    if s is not None:
+        return s
+    v = node.attr("value")
+    return repr(v) if not isinstance(v, str) else f'"{v}"'
+
+
+def _wrap(s: str) -> str:
+    return f"({s})" if " " in s and not (s.startswith("(") and s.endswith(")")) else s
+
+
+def _is_const(g: Graph, nid: int) -> bool:
+    return g.node(nid).op is Op.CONST
+
+
+def fold_graph(g: Graph) -> Graph:
+    g = g.copy()
+    for node in list(g.nodes()):
+        if node.id not in g:
+            continue
+        node = g.node(node.id)
+        if node.op is Op.CONST and node.name and not node.attr("sym") and \
+                not isinstance(node.attr("value"), (InitRule, tuple, str, bool)) and \
+                node.attr("value") is not None:
+            g.set(node.with_attrs(sym=node.name))  # a named literal: `n = 16` reads as n
+            continue
+        ins = [g.node(i) for i in node.inputs]
+        all_const = all(i.op is Op.CONST for i in ins)
+        op = node.op
+        value = _NOT_FOLDED = object()
+        sym = None
+        if op in BINARY_ARITH | COMPARE and all_const:
+            a, b = (i.attr("value") for i in ins)
+            value = BINARY[op](a, b, node.span)
+            if op in BINARY_ARITH and (ins[0].attr("sym") or ins[1].attr("sym")):
+                sym = f"{_wrap(_sym_of(ins[0]))} {_SYMBOL[op]} {_wrap(_sym_of(ins[1]))}"
+        elif op in (Op.AND, Op.OR) and all_const:
+            a, b = (i.attr("value") for i in ins)
+            for v, i in ((a, ins[0]), (b, ins[1])):
+                if not isinstance(v, bool):
+                    raise error(i.span, f"'{op.value}' needs bools, got {type_name(v)}")
+            value = (a and b) if op is Op.AND else (a or b)
+        elif op is Op.NOT and all_const:
+            v = ins[0].attr("value")
+            if not isinstance(v, bool):
+                raise error(node.span, f"'not' needs a bool, got {type_name(v)}")
+            value = not v
+        elif op in FUNCTIONS and all_const and ins:
+            args = [i.attr("value") for i in ins]
+            value = FUNCTIONS[op](args, node.span)
+            if any(i.attr("sym") for i in ins):
+                inner = ", ".join(_sym_of(i) for i in ins)
+                sym = f"-{_wrap(inner)}" if op is Op.NEG else f"{op.value}({inner})"
+        elif op is Op.LIST and all_const:
+            value = tuple(i.attr("value") for i in ins)
+            node = node.with_attrs(syms=tuple(_sym_of(i) for i in ins))
+        elif op is Op.INIT and all_const:
+            value = _init_rule(node, [i.attr("value") for i in ins])
+        elif op is Op.SELECT and ins[0].op is Op.CONST:
+            cond = ins[0].attr("value")
+            if not isinstance(cond, bool):
+                raise error(ins[0].span, f"a condition must be a bool, got {type_name(cond)}")
+            g.replace_uses(node.id, node.inputs[1] if cond else node.inputs[2])
+            continue
+        elif op is Op.INDEX and all_const:
+            seq, idx = (i.attr("value") for i in ins)
+            if isinstance(seq, tuple):
+                if not isinstance(idx, int) or isinstance(idx, bool):
+                    raise error(ins[1].span, f"an index must be an int, got {type_name(idx)}")
+                if not -len(seq) <= idx < len(seq):
+                    raise error(ins[1].span, f"index {idx} is out of range for a list of {len(seq)}")
+                value = seq[idx]
+        if value is _NOT_FOLDED:
+            continue
+        attrs = {"value": value}
+        label = node.name
+        if label is not None and not isinstance(value, (InitRule, tuple)):
+            attrs["sym"] = label
+        elif sym is not None:
+            attrs["sym"] = sym
+        if op is Op.LIST:
+            attrs["syms"] = node.attr("syms")
+        g.set(node.replace(op=Op.CONST, inputs=(), attrs=tuple(sorted(attrs.items()))))
+    return g.prune() if g.output is not None else g
+
+
+def _init_rule(node, values) -> InitRule:
+    spec = INIT_RULES[node.attr("rule")]
+    keywords = node.attr("keywords") or ()
+    positional = values[:len(values) - len(keywords)]
+    bound: dict[str, object] = {}
+    names = [a.name for a in spec.args]
+    if len(positional) > len(names):
+        raise error(node.span, f"init rule '{spec.name}' takes {len(names)} argument"
+                    f"{'s' if len(names) != 1 else ''}, got {len(positional)}")
+    for n, v in zip(names, positional):
+        bound[n] = v
+    for k, v in zip(keywords, values[len(positional):]):
+        if k not in names:
+            raise error(node.span, f"init rule '{spec.name}' has no argument '{k}'",
+                        f"its arguments: {', '.join(names) or 'none'}")
+        bound[k] = v
+    for a in spec.args:
+        if a.name not in bound:
+            if a.required:
+                raise error(node.span, f"init rule '{spec.name}' needs argument '{a.name}'")
+            bound[a.name] = a.default
+        if not is_number(bound[a.name]):
+            raise error(node.span, f"argument '{a.name}' of init rule '{spec.name}' must be a "
+                        f"number, got {type_name(bound[a.name])}")
+    return InitRule(spec.name, tuple((a.name, bound[a.name]) for a in spec.args))
+
+
+def fold_constants(program: Program) -> Program:
+    collector = Collector()
+    blocks = {}
+    shared = program.shared
+    if shared is not None:
+        with collector.guard():
+            shared = fold_graph(shared)
+    for name, inst in program.blocks.items():
+        with collector.guard():
+            blocks[name] = BlockInstance(inst.name, inst.block, inst.args, inst.span,
+                                         fold_graph(inst.graph))
+    final_norm = program.final_norm
+    if final_norm is not None:
+        with collector.guard():
+            final_norm = fold_graph(final_norm)
+    collector.raise_if_any()
+    return program.replace(stage="fold_constants", blocks=blocks, shared=shared,
+                           final_norm=final_norm)
