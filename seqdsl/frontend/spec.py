@@ -84,9 +84,9 @@ class DefinitionSpec(_Frozen):
                 raise _spanned(f"parameter '{name}' is declared twice in {self.kind} '{self.name}'",
                                span)
             seen[name] = span
-            if name in BUILTINS or name in RESERVED_NAMES:
-                raise _spanned(f"parameter '{name}' shadows the built-in '{name}'", span,
-                               "choose another name")
+            if name in RESERVED_NAMES:
+                raise _spanned(f"parameter '{name}' shadows the built-in '{name}' "
+                               f"({RESERVED_NAMES[name]})", span, "choose another name")
         returns = [s for s in self.body if isinstance(s, ast.Return)]
         shared = [s for s in self.body if isinstance(s, ast.Shared)]
         if shared:
@@ -129,8 +129,9 @@ class ModelSpec(_Frozen):
             check_identifier(h.name, h.span, "hyper-parameter")
             if h.default is None:
                 raise _spanned(f"model hyper-parameter '{h.name}' needs a default value", h.span)
-            if h.name in BUILTINS or h.name in RESERVED_NAMES:
-                raise _spanned(f"hyper-parameter '{h.name}' shadows the built-in '{h.name}'", h.span)
+            if h.name in RESERVED_NAMES:
+                raise _spanned(f"hyper-parameter '{h.name}' shadows the built-in '{h.name}' "
+                               f"({RESERVED_NAMES[h.name]})", h.span)
         for dup in {n for n in names if names.count(n) > 1}:
             raise _spanned(f"hyper-parameter '{dup}' is declared twice",
                            [h.span for h in self.hyper if h.name == dup][1])

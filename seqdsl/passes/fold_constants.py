@@ -26,8 +26,30 @@ def _sym_of(node) -> str:
     return repr(v) if not isinstance(v, str) else f'"{v}"'
 
 
-def _wrap(s: str) -> str:
-    return f"({s})" if " " in s and not (s.startswith("(") and s.endswith(")")) else s
+def _top_level_ops(s: str) -> set[str]:
+    """The binary operators of a symbolic expression outside any parentheses."""
+    depth, ops = 0, set()
+    for tok in s.split(" "):
+        depth += tok.count("(") - tok.count(")")
+        if depth == 0 and tok in ("+", "-", "*", "/", "//", "%", "**"):
+            ops.add(tok)
+    return ops
+
+
+def _wrap(s: str, op: Op | None = None, right: bool = False) -> str:
+    """Parenthesise an operand only where precedence needs it: ``steps * heads * hd``."""
+    ops = _top_level_ops(s)
+    if not ops:
+        return s
+    if op in (Op.ADD,) or (op is Op.SUB and not right):
+        return s
+    if op is Op.SUB and right:
+        needs = bool(ops & {"+", "-"})
+    elif op is Op.MUL:
+        needs = bool(ops & {"+", "-"}) or (right and bool(ops & {"/", "//", "%"}))
+    else:
+        needs = True
+    return f"({s})" if needs else s
 
 
 def _is_const(g: Graph, nid: int) -> bool:
@@ -54,7 +76,8 @@ def fold_graph(g: Graph) -> Graph:
             a, b = (i.attr("value") for i in ins)
             value = BINARY[op](a, b, node.span)
             if op in BINARY_ARITH and (ins[0].attr("sym") or ins[1].attr("sym")):
-                sym = f"{_wrap(_sym_of(ins[0]))} {_SYMBOL[op]} {_wrap(_sym_of(ins[1]))}"
+                sym = f"{_wrap(_sym_of(ins[0]), op, False)} {_SYMBOL[op]} " \
+                      f"{_wrap(_sym_of(ins[1]), op, True)}"
         elif op in (Op.AND, Op.OR) and all_const:
             a, b = (i.attr("value") for i in ins)
             for v, i in ((a, ins[0]), (b, ins[1])):
@@ -71,7 +94,7 @@ def fold_graph(g: Graph) -> Graph:
             value = FUNCTIONS[op](args, node.span)
             if any(i.attr("sym") for i in ins):
                 inner = ", ".join(_sym_of(i) for i in ins)
-                sym = f"-{_wrap(inner)}" if op is Op.NEG else f"{op.value}({inner})"
+                sym = f"-{_wrap(inner, Op.POW)}" if op is Op.NEG else f"{op.value}({inner})"
         elif op is Op.LIST and all_const:
             value = tuple(i.attr("value") for i in ins)
             node = node.with_attrs(syms=tuple(_sym_of(i) for i in ins))
