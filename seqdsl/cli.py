@@ -130,6 +130,37 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """The main job of the quick start: lower a bundled spec and summarise the model."""
+    from seqdsl.analysis import human, human_bytes, model_info
+
+    start = time.perf_counter()
+    try:
+        program = _load(args.file, args)
+    except SpecError as err:
+        _report(err)
+        return 1
+    elapsed = time.perf_counter() - start
+    info = model_info(program)
+    model = program.spec.model
+    print(f"seqdsl {__version__}: {args.file} -> model '{model.name}' "
+          f"({len(program.spec.files)} files, lowered in {elapsed * 1000:.0f} ms)")
+    kinds = {}
+    for layer in program.layers:
+        kinds[layer.instance] = kinds.get(layer.instance, 0) + 1
+    print("  layers      " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
+    cores = sorted({n.op.value for _, g in program.graphs() for n in g.nodes()
+                    if n.op.value in ("scan", "linear", "delta", "attention")})
+    print(f"  cores       {', '.join(cores)}")
+    print(f"  parameters  {info.total_params:,} ({human(info.total_params)})")
+    print(f"  memory      {human_bytes(info.state_bytes)} of state per sequence while decoding"
+          + (f", plus {human_bytes(info.kv_bytes_per_token)} per token of context"
+             if info.kv_bytes_per_token else ""))
+    print(f"  compute     {human(info.flops_per_token)} FLOPs per token (context {info.context})")
+    print("  next        forward and generation need the torch backend, which is not built yet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from seqdsl.passes import PASS_NAMES
 
@@ -173,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation dtype for conv tails and KV caches (default bfloat16)")
     p.add_argument("--states", action="store_true", help="list every state of every block")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the quick start's main job: lower a spec, summarise it",
+                       epilog=EPILOG)
+    p.add_argument("file", metavar="FILE", nargs="?", default="specs/mamba.seq")
+    add_set(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -6,6 +6,8 @@ text for the same spec, configuration and seqdsl version.
 
 from __future__ import annotations
 
+import os
+
 from seqdsl.ir.builtins import BUILTINS, REQUIRED, InitRule
 from seqdsl.ir.graph import Graph, Program
 from seqdsl.ir.ops import Op
@@ -102,11 +104,20 @@ def _layer_runs(program: Program) -> list[str]:
     return [f"  {a}: {lab}" if a == b else f"  {a}..{b}: {lab}" for a, b, lab in runs]
 
 
+def _relative(path: str, entry: str) -> str:
+    """Paths relative to the entry spec's folder, so dumps do not depend on the working dir."""
+    base = os.path.dirname(os.path.abspath(entry)) if not entry.startswith("<") else os.getcwd()
+    try:
+        return os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")
+    except ValueError:  # pragma: no cover - different drives on Windows
+        return path
+
+
 def format_program(program: Program) -> str:
     spec = program.spec
     out = [f"# seqdsl IR after {program.stage}"]
     if spec.model is None:
-        out.append(f"library {spec.path}: {len(spec.definitions)} definitions, no model")
+        out.append(f"library {os.path.basename(spec.path)}: {len(spec.definitions)} definitions, no model")
         return "\n".join(out) + "\n"
     out.append(f"model {spec.model.name}")
     out.append("config " + ", ".join(f"{k}={_value(v)}" for k, v in spec.config.items()))
@@ -126,7 +137,7 @@ def format_program(program: Program) -> str:
     for name, inst in program.blocks.items():
         args = ", ".join(f"{k}={_value(v)}" for k, v in inst.args)
         out.append(f"block {name}" + (f" = {inst.block}({args})" if args or name != inst.block else "")
-                   + f"  # spec: {inst.span.path}:{inst.span.line}")
+                   + f"  # spec: {_relative(inst.span.path, spec.path)}:{inst.span.line}")
         if inst.graph is not None:
             out.extend(format_graph(inst.graph))
         for st in inst.states:

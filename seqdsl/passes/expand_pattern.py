@@ -71,7 +71,7 @@ def expand_pattern(program: Program) -> Program:
                 n = names_by_block.get(block_name, 0)
                 names_by_block[block_name] = n + 1
                 instances[key] = BlockInstance(name=f"{block_name}_{n}", block=block_name,
-                                               args=ref.args, span=ref.span)
+                                               args=ref.args, span=d.name_span)
             group = ref.name if ref.name in shared_blocks else None
             layers.append(Layer(index=len(layers), instance=instances[key].name, span=ref.span,
                                 shared_group=group))

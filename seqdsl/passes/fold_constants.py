@@ -56,7 +56,9 @@ def _is_const(g: Graph, nid: int) -> bool:
     return g.node(nid).op is Op.CONST
 
 
-def fold_graph(g: Graph) -> Graph:
+def fold_graph(g: Graph, outputs: dict[str, int] | None = None) -> Graph:
+    """Fold ``g``; ``outputs`` (the shared graph's named results, which has no single output)
+    is updated in place when a folded conditional replaces one of them."""
     g = g.copy()
     for node in list(g.nodes()):
         if node.id not in g:
@@ -104,7 +106,11 @@ def fold_graph(g: Graph) -> Graph:
             cond = ins[0].attr("value")
             if not isinstance(cond, bool):
                 raise error(ins[0].span, f"a condition must be a bool, got {type_name(cond)}")
-            g.replace_uses(node.id, node.inputs[1] if cond else node.inputs[2])
+            taken = node.inputs[1] if cond else node.inputs[2]
+            g.replace_uses(node.id, taken)
+            for key, nid in (outputs or {}).items():
+                if nid == node.id:
+                    outputs[key] = taken
             continue
         elif op is Op.INDEX and all_const:
             seq, idx = (i.attr("value") for i in ins)
@@ -125,7 +131,44 @@ def fold_graph(g: Graph) -> Graph:
         if op is Op.LIST:
             attrs["syms"] = node.attr("syms")
         g.set(node.replace(op=Op.CONST, inputs=(), attrs=tuple(sorted(attrs.items()))))
-    return g.prune() if g.output is not None else g
+    if g.output is not None:
+        g = g.prune()
+    elif outputs is not None:  # keep what the named results depend on (drops untaken branches)
+        live, stack = set(), list(outputs.values())
+        while stack:
+            nid = stack.pop()
+            if nid not in live:
+                live.add(nid)
+                stack.extend(g.node(nid).inputs)
+        for nid in g.ids():
+            if nid not in live:
+                g.remove(nid)
+    _check_folded(g)
+    return g
+
+
+def _check_folded(g: Graph) -> None:
+    """Lists, init rules and conditions must fold to constants; report what kept one from it."""
+    for node in g.nodes():
+        if node.op not in (Op.LIST, Op.INIT, Op.SELECT):
+            continue
+        ins = node.inputs[:1] if node.op is Op.SELECT else node.inputs
+        culprit = next((i for i in ins if g.node(i).op is not Op.CONST), node.id)
+        what = {Op.LIST: "a list item", Op.INIT: "an init rule argument",
+                Op.SELECT: "a condition"}[node.op]
+        hint = None
+        stack, seen = [culprit], set()
+        while stack:
+            n = g.node(stack.pop())
+            if n.id in seen:
+                continue
+            seen.add(n.id)
+            if n.op is Op.LAYER_INDEX:
+                hint = ("the layer index is only known at run time; use a pattern comprehension "
+                        "with block hyper-parameters to vary structure by layer")
+                break
+            stack.extend(n.inputs)
+        raise error(g.node(culprit).span, f"{what} must be a compile-time constant", hint)
 
 
 def _init_rule(node, values) -> InitRule:
@@ -159,9 +202,10 @@ def fold_constants(program: Program) -> Program:
     collector = Collector()
     blocks = {}
     shared = program.shared
+    shared_outputs = dict(program.shared_outputs)
     if shared is not None:
         with collector.guard():
-            shared = fold_graph(shared)
+            shared = fold_graph(shared, shared_outputs)
     for name, inst in program.blocks.items():
         with collector.guard():
             blocks[name] = BlockInstance(inst.name, inst.block, inst.args, inst.span,
@@ -172,4 +216,4 @@ def fold_constants(program: Program) -> Program:
             final_norm = fold_graph(final_norm)
     collector.raise_if_any()
     return program.replace(stage="fold_constants", blocks=blocks, shared=shared,
-                           final_norm=final_norm)
+                           shared_outputs=shared_outputs, final_norm=final_norm)
