@@ -254,7 +254,7 @@ def parse(text: str, path: str = "<string>", start: str = "start"):
             span = _tok_span(path, tok)
             if tok.type == "_NL":
                 span = Span(path, tok.line, tok.column, tok.line, tok.column + 1)
-        hint = _hint_for(exc)
+        hint = _hint_for(exc, text)
         raise error(span, f"unexpected {_describe(tok)}; {_expected(exc)}".rstrip("; "),
                     hint) from None
     except UnexpectedCharacters as exc:
@@ -269,9 +269,47 @@ def parse(text: str, path: str = "<string>", start: str = "start"):
     return _ToAst(path).transform(tree)
 
 
-def _hint_for(exc: UnexpectedToken) -> str | None:
+def _unclosed(text: str, end: int, opener: str) -> tuple[int, int] | None:
+    """Line and column of the innermost ``opener`` still open at offset ``end``."""
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[tuple[str, int, int]] = []
+    line, col, i = 1, 1, 0
+    while i < min(end, len(text)):
+        ch = text[i]
+        if ch == "#":  # skip a comment, up to its newline
+            stop = text.find("\n", i)
+            i = len(text) if stop == -1 else stop
+            continue
+        if ch == '"':  # skip a string (an unterminated one is the lexer's to report)
+            stop = text.find('"', i + 1)
+            if stop != -1 and "\n" not in text[i:stop]:
+                col += stop + 1 - i
+                i = stop + 1
+                continue
+        if ch in "([{":
+            stack.append((ch, line, col))
+        elif ch in pairs and stack and stack[-1][0] == pairs[ch]:
+            stack.pop()
+        if ch == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+        i += 1
+    for ch, l, c in reversed(stack):
+        if ch == opener:
+            return l, c
+    return None
+
+
+def _hint_for(exc: UnexpectedToken, text: str = "") -> str | None:
     expected = set(exc.expected or ())
     tok = exc.token
+    pos = len(text) if tok.type == "$END" else getattr(tok, "start_pos", None)
+    for term, opener in (("RPAR", "("), ("RSQB", "["), ("RBRACE", "{")):
+        if term in expected and tok.type in ("RBRACE", "$END", "_NL") and pos is not None:
+            where = _unclosed(text, pos, opener)
+            if where is not None:
+                return f"the '{opener}' at line {where[0]}, column {where[1]} is not closed"
     if tok.type == "_NL" and "RPAR" in expected:
         return "a '(' is not closed"
     if tok.type == "_NL" and "RSQB" in expected:

@@ -344,7 +344,8 @@ def _check_type(key: str, value: Any, default: Any, span: Span) -> Any:
     else:
         ok = type(value) is type(default)
     if not ok:
-        raise error(span, f"hyper-parameter '{key}' is a {type_name(default)}, "
+        article = "an" if type_name(default)[0] in "aeiou" else "a"
+        raise error(span, f"hyper-parameter '{key}' is {article} {type_name(default)}, "
                     f"got {type_name(value)} {value!r}")
     return value
 
@@ -358,6 +359,10 @@ def build_spec(modules: list[ast.Module], overrides: Mapping[str, Any] | None = 
             with collector.guard():
                 if d.name in definitions:
                     first = definitions[d.name]
+                    if module is not entry and first.name_span.path == entry.path:
+                        # the entry file clashes with an import: point at the user's file
+                        raise error(first.name_span, f"duplicate definition of '{d.name}'",
+                                    f"already defined at {d.name_span} (imported)")
                     raise error(d.name_span, f"duplicate definition of '{d.name}'",
                                 f"first defined at {first.name_span}")
                 if d.name in BUILTINS or d.name in INIT_RULES or d.name in PATTERN_FUNCTIONS \
@@ -408,6 +413,12 @@ def build_spec(modules: list[ast.Module], overrides: Mapping[str, Any] | None = 
                                         _override_span(h.name, flat[h.name]))
                 else:
                     value = default
+                if h.name in ("vocab", "d") and not (
+                        isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                    span = _override_span(h.name, flat[h.name]) if h.name in flat \
+                        else h.default.span
+                    raise error(span, f"hyper-parameter '{h.name}' must be a positive int, "
+                                f"got {value!r}")
                 env[h.name] = value
         collector.raise_if_any()
         config = env

@@ -47,13 +47,9 @@ def bind(sig: Signature, call: ast.Call) -> Bound:
         elif sig.variadic:
             extra.append(a)
         else:
-            hint = f"signature: {sig.text}"
-            b = BUILTINS.get(call.func)
-            if b is not None and b.category == "core":
-                hint = (f"core arguments are passed by name: {sig.text}"
-                        + ("; for a projection use proj(x, size)" if call.func == "linear" else ""))
             raise error(a.span, f"{sig.callee} takes {len(sig.params)} positional argument"
-                        f"{'s' if len(sig.params) != 1 else ''}, got {len(call.args)}", hint)
+                        f"{'s' if len(sig.params) != 1 else ''}, got {len(call.args)}",
+                        _core_hint(call) or f"signature: {sig.text}")
     for k in call.kwargs:
         if k.quoted:
             raise error(k.span, "quoted argument names are only allowed in a pattern() legend")
@@ -68,6 +64,15 @@ def bind(sig: Signature, call: ast.Call) -> Bound:
         args[k.name] = k.value
     missing = [p for p in sig.params if p in sig.required and p not in args]
     if missing:
+        # a core called positionally (linear(x, 64)) is more likely a mistaken projection
         raise error(call.func_span, f"{sig.callee} needs argument '{missing[0]}'",
-                    f"signature: {sig.text}")
+                    (_core_hint(call) if call.args else None) or f"signature: {sig.text}")
     return Bound(args, tuple(extra))
+
+
+def _core_hint(call: ast.Call) -> str | None:
+    b = BUILTINS.get(call.func)
+    if b is None or b.category != "core":
+        return None
+    return (f"core arguments are passed by name: {b.signature()}"
+            + ("; for a projection use proj(x, size)" if call.func == "linear" else ""))

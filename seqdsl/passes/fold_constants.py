@@ -9,6 +9,7 @@ branch of a conditional is removed, with everything only it used.
 from __future__ import annotations
 
 from seqdsl.diagnostics import Collector, error
+from seqdsl.frontend.consteval import _rule_signature
 from seqdsl.ir.builtins import INIT_RULES, InitRule
 from seqdsl.ir.graph import BlockInstance, Graph, Program
 from seqdsl.ir.ops import BINARY_ARITH, COMPARE, Op
@@ -179,7 +180,8 @@ def _init_rule(node, values) -> InitRule:
     names = [a.name for a in spec.args]
     if len(positional) > len(names):
         raise error(node.span, f"init rule '{spec.name}' takes {len(names)} argument"
-                    f"{'s' if len(names) != 1 else ''}, got {len(positional)}")
+                    f"{'s' if len(names) != 1 else ''}, got {len(positional)}",
+                    _rule_signature(spec.name))
     for n, v in zip(names, positional):
         bound[n] = v
     for k, v in zip(keywords, values[len(positional):]):
@@ -190,7 +192,8 @@ def _init_rule(node, values) -> InitRule:
     for a in spec.args:
         if a.name not in bound:
             if a.required:
-                raise error(node.span, f"init rule '{spec.name}' needs argument '{a.name}'")
+                raise error(node.span, f"init rule '{spec.name}' needs argument '{a.name}'",
+                            _rule_signature(spec.name))
             bound[a.name] = a.default
         if not is_number(bound[a.name]):
             raise error(node.span, f"argument '{a.name}' of init rule '{spec.name}' must be a "

@@ -434,12 +434,15 @@ class _Infer:
         x = self.real(node.inputs[0], "proj's input")
         size = self.dim_of_const(node.inputs[1], "proj's size")
         bias = self.const(node.inputs[2], "bias", (_is_bool,))
-        self.const(node.inputs[3], "init", (_is_rule, _is_none))
+        init = self.const(node.inputs[3], "init", (_is_rule, _is_none))
         bias_init = self.const(node.inputs[4], "bias_init", (_is_rule, _is_none))
         groups = self.const(node.inputs[5], "groups", (_is_int,))
         if bias_init is not None and not bias:
             raise error(self.g.node(node.inputs[4]).span, "bias_init is given but bias = false",
                         "add bias = true")
+        for pos, rule in ((3, init), (4, bias_init)):
+            if rule is not None:
+                _check_init(rule, (), self.g.node(node.inputs[pos]).span)
         fan_in = x.numel
         if groups < 1 or fan_in % groups or size.size % groups:
             raise error(self.g.node(node.inputs[5]).span, f"groups = {groups} must divide both the "
@@ -452,7 +455,9 @@ class _Infer:
         if width < 1:
             raise error(self.g.node(node.inputs[1]).span, f"conv1d's width must be >= 1, got {width}")
         self.const(node.inputs[2], "bias", (_is_bool,))
-        self.const(node.inputs[3], "init", (_is_rule, _is_none))
+        init = self.const(node.inputs[3], "init", (_is_rule, _is_none))
+        if init is not None:
+            _check_init(init, (), self.g.node(node.inputs[3]).span)
         return TensorType(x.shape, "real")
 
     def op_param(self, node):
@@ -465,7 +470,7 @@ class _Infer:
             syms = src.attr("syms") or tuple(str(s) for s in shape_v)
         if not shape_v or not all(_is_int(s) and s > 0 for s in shape_v):
             raise error(src.span, f"param's shape must be a non-empty list of positive ints, got {list(shape_v)}")
-        _check_init(init, shape_v, src.span)
+        _check_init(init, shape_v, self.g.node(node.inputs[1]).span)
         return TensorType(tuple(Dim.of(s, y) for s, y in zip(shape_v, syms)), "real")
 
     def op_route(self, node):
@@ -510,7 +515,8 @@ class _Infer:
                         f"state_dtype must be \"float32\" or \"float64\", got \"{v}\"")
         return v
 
-    def _qkv(self, node, core: str, steps: int = 1):
+    def _qkv(self, node, core: str, steps: int | None = None):
+        """q/k/v shapes of linear (steps None) and delta (k, v may lead with [steps])."""
         q = self.real(node.inputs[0], f"{core}'s q")
         k = self.real(node.inputs[1], f"{core}'s k")
         v = self.real(node.inputs[2], f"{core}'s v")
@@ -519,12 +525,14 @@ class _Infer:
                         f"{core}'s q must have shape [heads, key_dim] or [key_dim], got {shape_str(q.shape)}")
         H = q.shape[0] if len(q.shape) == 2 else Dim.of(1)
         K = q.shape[-1]
-        lead = (steps,) if steps > 1 else ()
+        # with steps sub-steps per token, k and v carry a leading [steps] dim (optional for 1)
+        lead = (steps,) if steps is not None and (steps > 1 or len(k.shape) == len(q.shape) + 1) \
+            else ()
         want_k = lead + q.sizes
         if k.sizes != want_k:
-            exp = ("[steps, " if steps > 1 else "[") + ", ".join(str(d) for d in q.shape) + "]"
+            exp = ("[steps, " if lead else "[") + ", ".join(str(d) for d in q.shape) + "]"
             raise error(self.g.node(node.inputs[1]).span, f"{core}'s k must have shape {exp}"
-                        f"{' (steps = ' + str(steps) + ')' if steps > 1 else ''}, got {shape_str(k.shape)}")
+                        f"{' (steps = ' + str(steps) + ')' if lead else ''}, got {shape_str(k.shape)}")
         if len(v.shape) != len(k.shape) or v.sizes[:-1] != k.sizes[:-1]:
             raise error(self.g.node(node.inputs[2]).span,
                         f"{core}'s v must have the leading dims of k {shape_str(k.shape[:-1])} "
@@ -586,12 +594,13 @@ class _Infer:
             raise error(self.g.node(node.inputs[6]).span, f"steps must be >= 1, got {steps}")
         q, k, v, H, K, V = self._qkv(node, "delta", steps)
         beta = self.real(node.inputs[3], "delta's beta")
-        want = ((steps,) if steps > 1 else ()) + ((H.size,) if len(q.shape) == 2 else ())
+        stepped = len(k.shape) == len(q.shape) + 1
+        want = ((steps,) if stepped else ()) + ((H.size,) if len(q.shape) == 2 else ())
         if beta.sizes != want and not (beta.sizes == (1,) and want == ()):
-            exp = "[" + ", ".join((["steps"] if steps > 1 else []) + (["heads"] if len(q.shape) == 2 else [])) + "]"
+            exp = "[" + ", ".join((["steps"] if stepped else []) + (["heads"] if len(q.shape) == 2 else [])) + "]"
             raise error(self.g.node(node.inputs[3]).span,
                         f"delta's beta must have shape {exp}, one per head"
-                        f"{' and step' if steps > 1 else ''}, got {shape_str(beta.shape)}")
+                        f"{' and step' if stepped else ''}, got {shape_str(beta.shape)}")
         if not beta.range.within(0.0, 2.0):
             raise error(self.g.node(node.inputs[3]).span,
                         f"delta's beta must lie in [0, 2] (eigenvalues of I - beta k k^T in [-1, 1]); "
@@ -605,7 +614,7 @@ class _Infer:
         self._annotate(node, decay_kind=kind, heads=H.size, key_dim=K.size, value_dim=V.size,
                        steps=steps, eigenvalues=str(eig), scale=K.size ** -0.5 if scale is None
                        else float(scale), state_shape=(H, K, V), complex=False)
-        return TensorType(v.shape[1:] if steps > 1 else v.shape, "real")
+        return TensorType(v.shape[1:] if stepped else v.shape, "real")
 
     def op_attention(self, node):
         q = self.real(node.inputs[0], "attention's q")

@@ -52,7 +52,7 @@ class _Resolver:
             raise error(e.span, f"'{n}' is a function; call it: {BUILTINS[n].signature()}")
         if not self.has_model:
             return  # a library file: free names are the importing model's hyper-parameters
-        visible = set(env) | self.globals | self.shared | set(RESERVED_NAMES)
+        visible = set(env) | self.globals | self.shared | set(RESERVED_NAMES) | set(INIT_RULES)
         raise error(e.span, f"unknown name '{n}'", did_you_mean(n, visible))
 
     def call(self, e: ast.Call, env: set[str], where: str) -> None:
@@ -130,6 +130,11 @@ class _Resolver:
                         raise error(s.value.span, f"only blocks and tensors can be shared; "
                                     f"'{s.value.id}' is a {self.defs[s.value.id].kind}")
                 else:
+                    for e in ast.walk(s.value):
+                        if isinstance(e, ast.Name) and e.id in RESERVED_NAMES:
+                            raise error(e.span, f"'{e.id}' is not available in a shared "
+                                        "value: shared values are the same for every layer",
+                                        f"use it where the value is read, e.g. {s.name}[{e.id}]")
                     self.expr(s.value, env, "<shared>")
             env.add(s.name)
         norm = m.settings.get("final_norm")
