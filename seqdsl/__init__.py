@@ -27,4 +27,13 @@ def load(source: str | os.PathLike, *, text: str | None = None, until: str | Non
     return run_pipeline(Program(spec=spec), until=until, after_each=verify_ir if verify else None)
 
 
-__all__ = ["load", "SpecError", "Diagnostic", "Span", "__version__"]
+def compile(source: str | os.PathLike, *, text: str | None = None, backend: str = "torch",
+            **overrides: Any):
+    """Compile a spec to a generated Python module and import it: ``m.Model``, ``m.Config``.
+    Cached by (spec text, seqdsl version, backend, overrides)."""
+    from seqdsl.compiler import compile as _compile
+
+    return _compile(source, text=text, backend=backend, **overrides)
+
+
+__all__ = ["load", "compile", "SpecError", "Diagnostic", "Span", "__version__"]

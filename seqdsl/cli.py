@@ -130,6 +130,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from seqdsl.compiler import compile_to_dir
+
+    try:
+        target = compile_to_dir(args.file, args.output, backend=args.backend, **_overrides(args.set))
+    except SpecError as err:
+        _report(err)
+        return 1
+    print(f"wrote {target}/ (import it with: from {target.name} import Model, Config)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The main job of the quick start: lower a bundled spec and summarise the model."""
     from seqdsl.analysis import human, human_bytes, model_info
@@ -205,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", action="store_true", help="list every state of every block")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("compile", help="generate an importable Python package from a spec",
+                       description="Write OUTPUT/<model name>/ with the generated model code, "
+                                   "atomically (nothing half-written on error).", epilog=EPILOG)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", default=".", metavar="DIR",
+                   help="folder to write the package into (default: the current folder)")
+    p.add_argument("--backend", default="torch", choices=["torch"], help="code generator")
+    add_set(p)
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("demo", help="the quick start's main job: lower a spec, summarise it",
                        epilog=EPILOG)
     p.add_argument("file", metavar="FILE", nargs="?", default="specs/mamba.seq")
@@ -223,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+    except BrokenPipeError:  # e.g. `seqdsl info ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from seqdsl.diagnostics import did_you_mean, error, one_of
+from seqdsl.diagnostics import Span, did_you_mean, error, one_of
 from seqdsl.frontend import ast
 from seqdsl.ir.builtins import BUILTINS, INIT_RULES, PATTERN_FUNCTIONS, InitRule
-from seqdsl.ir.values import BINARY, BINOP_OF_TOKEN, FUNCTIONS, BlockRef, is_number, type_name
+from seqdsl.ir.values import (BINARY, BINOP_OF_TOKEN, FUNCTIONS, BlockRef, check_size, is_number,
+                              type_name)
 
 #: resolves a block name used in a pattern to a BlockRef factory, or None if not a block
 BlockResolver = Callable[[str, ast.Expr], "str | None"]
@@ -19,10 +20,11 @@ BlockResolver = Callable[[str, ast.Expr], "str | None"]
 
 class ConstEvaluator:
     def __init__(self, env: Mapping[str, object], *, blocks: BlockResolver | None = None,
-                 what: str = "a compile-time constant"):
+                 what: str = "a compile-time constant", block_names: tuple[str, ...] = ()):
         self.env = dict(env)
         self.blocks = blocks
         self.what = what
+        self.block_names = tuple(block_names)  # for "did you mean" in layer patterns
 
     # -- entry point
     def eval(self, e: ast.Expr) -> object:
@@ -53,7 +55,7 @@ class ConstEvaluator:
         if e.id == "layer":
             raise error(e.span, f"'layer' is not known at compile time; it cannot be used in {self.what}",
                         "the layer index is only available inside block and mixer bodies")
-        candidates = list(self.env) + list(INIT_RULES)
+        candidates = list(self.env) + list(INIT_RULES) + list(self.block_names)
         raise error(e.span, f"unknown name '{e.id}' in {self.what}", did_you_mean(e.id, candidates))
 
     def _UnaryOp(self, e: ast.UnaryOp):
@@ -92,7 +94,8 @@ class ConstEvaluator:
     def _Index(self, e: ast.Index):
         v, i = self.eval(e.value), self.eval(e.index)
         if not isinstance(v, (tuple, str)):
-            raise error(e.value.span, f"cannot index a {type_name(v)}")
+            raise error(e.value.span, f"cannot index {'an' if type_name(v)[0] in 'aeiou' else 'a'} "
+                        f"{type_name(v)}")
         if not isinstance(i, int) or isinstance(i, bool):
             raise error(e.index.span, f"an index must be an int, got {type_name(i)}")
         if not -len(v) <= i < len(v):
@@ -142,7 +145,7 @@ class ConstEvaluator:
                         "compile-time constant")
         raise error(e.func_span, f"unknown function '{e.func}' in {self.what}",
                     did_you_mean(e.func, [n for n, b in BUILTINS.items() if b.op in FUNCTIONS]
-                                 + list(INIT_RULES)))
+                                 + list(INIT_RULES) + list(self.block_names)))
 
     # -- helpers
     def _init_rule(self, name: str, args, kwargs, node) -> InitRule:
@@ -179,10 +182,11 @@ class ConstEvaluator:
         if not 1 <= len(vals) <= 3 or not all(isinstance(v, int) and not isinstance(v, bool)
                                               for v in vals) or e.kwargs:
             raise error(e.span, "range() takes one to three ints")
-        return tuple(range(*vals))
-
-    def _pattern_range(self, e):
-        return self._range(e)
+        if 0 in vals[2:]:
+            raise error(e.span, "range() step must not be zero")
+        r = range(*vals)
+        check_size((r.stop - r.start) // r.step, e.span)
+        return tuple(r)
 
     def _pattern_pattern(self, e: ast.Call):
         if len(e.args) != 1:
@@ -208,7 +212,6 @@ class ConstEvaluator:
             if ch not in legend:
                 s = e.args[0].span
                 col = s.col + 1 + i
-                from seqdsl.diagnostics import Span
                 raise error(Span(s.path, s.line, col, s.line, col + 1),
                             f"character '{ch}' of the pattern has no legend entry",
                             f"the legend defines {one_of(legend)}")
@@ -234,6 +237,7 @@ class ConstEvaluator:
         if period <= 0 or not 0 <= offset < period:
             raise error(e.span, f"periodic(): need period > 0 and 0 <= offset < period, "
                         f"got period={period}, offset={offset}")
+        check_size(n, e.span)
         for label, v, node in (("base", base, e.args[1]), ("other", other, e.args[2])):
             if not isinstance(v, BlockRef):
                 raise error(node.span, f"periodic(): {label} must be a block, got {type_name(v)}")

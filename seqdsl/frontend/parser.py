@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import importlib.resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
-from lark.lexer import Lexer
+from lark.lexer import Lexer, PatternStr
 
 from seqdsl.diagnostics import SourceRegistry, Span, error
 from seqdsl.frontend import ast
@@ -37,9 +37,13 @@ _CLOSE = {"RPAR", "RSQB"}
 
 
 class _BracketPostLex:
-    """Drops newline tokens inside (...) and [...], so expressions may span several lines."""
+    """Drops newline tokens inside (...) and [...], so expressions may span several lines.
+
+    Also gives keywords back their type: the contextual lexer reads ``if`` as a NAME where no
+    keyword fits (``if = 1``), which would make keywords usable as names."""
 
     always_accept = ("_NL",)
+    keywords: dict[str, str] = {}  # keyword -> terminal name, set by _parser()
 
     def process(self, stream):
         depth = 0
@@ -50,14 +54,28 @@ class _BracketPostLex:
                 depth = max(depth - 1, 0)
             elif tok.type == "_NL" and depth > 0:
                 continue
+            elif tok.type == "NAME" and tok.value in self.keywords:
+                tok = Token.new_borrow_pos(self.keywords[tok.value], tok.value, tok)
             yield tok
+
+
+def _edit_terminal(t) -> None:
+    # lark tries terminals of equal priority in order of pattern width, then pattern length, so
+    # MUL_OP's "*" would shadow "**": POW_OP must be tried first
+    if t.name == "POW_OP":
+        t.priority = max(t.priority, 1)
 
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     text = importlib.resources.files("seqdsl.grammar").joinpath("seq.lark").read_text()
-    return Lark(text, parser="lalr", lexer="contextual", postlex=_BracketPostLex(),
-                propagate_positions=True, maybe_placeholders=True, start=["start", "expr"])
+    postlex = _BracketPostLex()
+    lark = Lark(text, parser="lalr", lexer="contextual", postlex=postlex,
+                propagate_positions=True, maybe_placeholders=True, start=["start", "expr"],
+                edit_terminals=_edit_terminal)
+    postlex.keywords = {t.pattern.value: t.name for t in lark.terminals
+                        if isinstance(t.pattern, PatternStr) and t.pattern.value.isidentifier()}
+    return lark
 
 
 def _tok_span(path: str, tok: Token) -> Span:
@@ -216,8 +234,14 @@ class _ToAst(Transformer):
         )
 
 
+def _acceptable(exc: UnexpectedInput):
+    """What the parser would take here. LALR's `expected` also lists lookaheads merged in from
+    other contexts (a statement 'expecting' 'block'); `accepts` tries each one."""
+    return getattr(exc, "accepts", None) or exc.expected
+
+
 def _expected(exc: UnexpectedInput) -> str:
-    terminals = {t for t in (exc.expected or ()) if not t.startswith("__")}
+    terminals = {t for t in (_acceptable(exc) or ()) if not t.startswith("__")}
     if len(terminals) > 1:
         terminals.discard("_NL")  # the post-lexer always accepts newlines; rarely informative
     names = sorted({_TERMINAL_NAMES.get(t, f"'{t.lower()}'") for t in terminals})
@@ -260,13 +284,33 @@ def parse(text: str, path: str = "<string>", start: str = "start"):
     except UnexpectedCharacters as exc:
         span = Span(path, exc.line, exc.column, exc.line, exc.column + 1)
         ch = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else "?"
-        hint = "strings use double quotes" if ch == "'" else None
+        hint = "strings use double quotes" if ch == "'" else \
+            "the string is not closed on this line" if ch == '"' else None
         raise error(span, f"unexpected character {ch!r}", hint) from None
     except UnexpectedEOF as exc:  # pragma: no cover - LALR reports $END as UnexpectedToken
         line = text.count("\n")
         raise error(Span(path, line, 1, line, 2), f"unexpected end of file; {_expected(exc)}") \
             from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        raise error(_meta_span(path, deep.meta), f"too deeply nested: more than {MAX_NESTING} levels",
+                    "split the expression into several assignments")
     return _ToAst(path).transform(tree)
+
+
+#: parse trees deeper than this would overflow Python's stack in the recursive passes
+MAX_NESTING = 200
+
+
+def _too_deep(tree: Tree) -> Tree | None:
+    """The first subtree found below MAX_NESTING levels, if any (iteratively: no recursion)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return node
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+    return None
 
 
 def _unclosed(text: str, end: int, opener: str) -> tuple[int, int] | None:
@@ -302,7 +346,7 @@ def _unclosed(text: str, end: int, opener: str) -> tuple[int, int] | None:
 
 
 def _hint_for(exc: UnexpectedToken, text: str = "") -> str | None:
-    expected = set(exc.expected or ())
+    expected = set(_acceptable(exc) or ())
     tok = exc.token
     pos = len(text) if tok.type == "$END" else getattr(tok, "start_pos", None)
     for term, opener in (("RPAR", "("), ("RSQB", "["), ("RBRACE", "{")):
@@ -318,6 +362,9 @@ def _hint_for(exc: UnexpectedToken, text: str = "") -> str | None:
         return "a '{' is not closed"
     if tok.type == "EQUAL" and "EQUAL" not in expected:
         return "use '==' to compare; '=' only assigns or names a keyword argument"
+    if tok.value in _parser().options.postlex.keywords and "NAME" in expected \
+            and "NUMBER" not in expected:  # where a name, not an expression, must come
+        return f"'{tok.value}' is a keyword and cannot be used as a name"
     if tok.type == "NAME" and "EQUAL" in expected:
         return "a statement is 'name = expression', 'shared name = expression' or 'return expression'"
     return None

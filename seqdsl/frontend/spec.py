@@ -43,8 +43,16 @@ def _spanned(msg: str, span: Span, hint: str | None = None) -> PydanticCustomErr
     return PydanticCustomError("seqdsl", msg, {"span": span, "hint": hint})
 
 
+#: words of the .seq language; the grammar lets some of them through where a name is expected
+LANGUAGE_KEYWORDS = frozenset({"import", "model", "block", "mixer", "channel", "fn", "shared",
+                               "return", "if", "else", "for", "in", "and", "or", "not", "true",
+                               "false", "none"})
+
+
 def check_identifier(name: str, span: Span, what: str) -> None:
     """Names that reach generated Python must be legal, non-shadowing identifiers."""
+    if name in LANGUAGE_KEYWORDS:
+        raise _spanned(f"'{name}' is a keyword of the language and cannot name a {what}", span)
     if keyword.iskeyword(name) or keyword.issoftkeyword(name):
         raise _spanned(f"'{name}' is a Python keyword and cannot name a {what}", span)
     if name.startswith("__"):
@@ -87,6 +95,10 @@ class DefinitionSpec(_Frozen):
             if name in RESERVED_NAMES:
                 raise _spanned(f"parameter '{name}' shadows the built-in '{name}' "
                                f"({RESERVED_NAMES[name]})", span, "choose another name")
+        for stmt in self.body:
+            if isinstance(stmt, ast.Assign):
+                for t, span in zip(stmt.targets, stmt.target_spans):
+                    check_identifier(t, span, "variable")
         returns = [s for s in self.body if isinstance(s, ast.Return)]
         shared = [s for s in self.body if isinstance(s, ast.Shared)]
         if shared:
@@ -199,6 +211,16 @@ def _display_path(p: Path) -> str:
         return str(p)
 
 
+def _read(path: Path, span: Span) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(span, f"cannot read {_display_path(path)}: not UTF-8 text "
+                    f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise error(span, f"cannot read {_display_path(path)}: {exc.strerror or exc}") from None
+
+
 def load_modules(source: str | os.PathLike, text: str | None = None) -> list[ast.Module]:
     """Parse a file and, transitively, everything it imports. The entry module comes first."""
     if text is None:
@@ -207,9 +229,10 @@ def load_modules(source: str | os.PathLike, text: str | None = None) -> list[ast
             raise error(Span(str(source), 0, 0, 0, 0), "no such file")
         entry_key = path.resolve()
         entry_name = _display_path(path)
-        text = path.read_text()
+        text = _read(path, Span(str(source), 0, 0, 0, 0))
     else:
-        entry_key = None
+        # the text of an existing file (an editor buffer): the file still closes import cycles
+        entry_key = Path(source).resolve() if Path(source).is_file() else None
         entry_name = str(source)
     modules: list[ast.Module] = []
     seen: dict[Path, ast.Module] = {}
@@ -230,7 +253,7 @@ def load_modules(source: str | os.PathLike, text: str | None = None) -> list[ast
                     raise error(imp.span, "circular import: " + " -> ".join(cycle))
                 if target in seen:
                     continue
-                visit(_display_path(target), target, target.read_text(), stack + [(key, imp)])
+                visit(_display_path(target), target, _read(target, imp.span), stack + [(key, imp)])
 
     visit(entry_name, entry_key, text, [])
     collector.raise_if_any()
@@ -332,8 +355,10 @@ def _override_span(key: str, value: Any) -> Span:
 
 def _check_type(key: str, value: Any, default: Any, span: Span) -> Any:
     """An override must have the type of the default (an int is accepted for a float)."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise error(span, f"hyper-parameter '{key}' is a {type_name(default)}, got none")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):

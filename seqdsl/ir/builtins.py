@@ -46,7 +46,9 @@ class Builtin:
                 parts.append(a.name)
             else:
                 d = a.default
-                parts.append(f"{a.name}={'none' if d is None else str(d).lower() if isinstance(d, bool) else d}")
+                text = ("none" if d is None else str(d).lower() if isinstance(d, bool)
+                        else f'"{d}"' if isinstance(d, str) else str(d))
+                parts.append(f"{a.name}={text}")
         if self.variadic:
             parts.append("...")
         return f"{self.name}({', '.join(parts)})"
@@ -61,14 +63,17 @@ def _c(name, default=REQUIRED):
 
 
 _UNARY_DOCS = {
-    Op.SIGMOID: "logistic sigmoid", Op.SILU: "x * sigmoid(x)", Op.GELU: "GeLU (tanh approx.)",
+    Op.SIGMOID: "logistic sigmoid", Op.SILU: "x * sigmoid(x)", Op.GELU: "GeLU",
     Op.RELU: "max(x, 0)", Op.SOFTPLUS: "log(1 + exp(x))", Op.TANH: "hyperbolic tangent",
     Op.EXP: "exponential", Op.LOG: "natural logarithm", Op.LOGSIGMOID: "log(sigmoid(x))",
     Op.SQRT: "square root", Op.ABS: "absolute value (modulus of a complex value)",
 }
 
 _TABLE: list[Builtin] = [
-    *(Builtin(op.value, op, (_t("x"),), doc) for op, doc in _UNARY_DOCS.items()),
+    *(Builtin(op.value, op, (_t("x"),), doc) for op, doc in _UNARY_DOCS.items()
+      if op is not Op.GELU),
+    Builtin("gelu", Op.GELU, (_t("x"), _c("approximate", "none")),
+            'GeLU: exact (erf), or approximate = "tanh"'),
     # constant-only helpers (hyper-parameter arithmetic)
     Builtin("ceil", Op.CEIL, (_c("x"),), "round up to an integer", category="const"),
     Builtin("floor", Op.FLOOR, (_c("x"),), "round down to an integer", category="const"),
@@ -116,8 +121,9 @@ _TABLE: list[Builtin] = [
     Builtin("param", Op.PARAM, (_c("shape"), _c("init")),
             "a learnable tensor of the given shape, initialised by a named rule", category="layer"),
     # mixture of experts
-    Builtin("route", Op.ROUTE, (_t("logits"), _c("top_k")),
-            "top-k routing weights: softmax over the k largest logits, zero elsewhere"),
+    Builtin("route", Op.ROUTE, (_t("logits"), _c("top_k"), _c("normalize", True)),
+            "top-k routing weights, zero outside the k largest logits: a softmax over those k "
+            "(normalize = true), or the softmax over all experts kept at the top k (false)"),
     Builtin("experts", Op.EXPERTS, (_t("expert"), _t("weights")),
             "sum over experts of weights[e] * expert_e(...): `expert` is a call to a channel "
             "mixer or fn, instantiated once per expert (len(weights) copies)"),

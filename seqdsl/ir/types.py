@@ -17,7 +17,7 @@ class Dim:
     sym: str  # e.g. "2 * e"; equal to str(size) when the dim has no symbolic name
 
     def __str__(self) -> str:
-        if self.sym == str(self.size):
+        if self.sym == str(self.size) or self.size == 0:  # size 0: unbounded (the context, T)
             return self.sym
         return f"{self.sym}={self.size}"
 

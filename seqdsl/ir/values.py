@@ -80,11 +80,25 @@ def _add(a, b, span):
     return _arith(operator.add, "add")(a, b, span)
 
 
+#: the most items a compile-time list (or characters a string) may have, so that a runaway
+#: ``[block] * n`` is an error instead of exhausting memory
+MAX_ITEMS = 1_000_000
+
+#: the most bits a constant ``a ** b`` of two ints may have
+MAX_POW_BITS = 1 << 16
+
+
+def check_size(n: int, span, what: str = "a compile-time list") -> None:
+    if n > MAX_ITEMS:
+        raise error(span, f"{what} would have {n:,} items; the limit is {MAX_ITEMS:,}")
+
+
 def _mul(a, b, span):
     for seq, n in ((a, b), (b, a)):
         if isinstance(seq, (tuple, str)) and isinstance(n, int) and not isinstance(n, bool):
             if n < 0:
                 raise error(span, f"cannot repeat a {type_name(seq)} a negative number of times")
+            check_size(len(seq) * n, span)
             return seq * n
     return _arith(operator.mul, "multiply")(a, b, span)
 
@@ -94,6 +108,9 @@ def _div(a, b, span):
 
 
 def _pow(a, b, span):
+    if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 and \
+            b * (abs(a).bit_length() - 1) > MAX_POW_BITS:
+        raise error(span, f"constant arithmetic failed: {a} ** {b} is too large")
     r = _arith(operator.pow, "raise")(a, b, span)
     return r
 
@@ -146,7 +163,7 @@ def _softplus(x: float) -> float:
 
 
 def _gelu(x: float) -> float:
-    return 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
 
 
 def _sigmoid(x: float) -> float:

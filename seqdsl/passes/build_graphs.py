@@ -67,6 +67,8 @@ class _Builder:
                     stem = node.op.value if node.op is not Op.PARAM else "weight"
                 elif nid == root:
                     stem = base
+                elif base == "out":  # inside a return expression: name by the op
+                    stem = node.op.value if node.op is not Op.PARAM else "weight"
                 else:
                     stem = f"{base}_{node.op.value}" if node.op is not Op.PARAM else f"{base}_weight"
                 self.g.set(node.replace(name=self.unique(scope, stem)))

@@ -8,11 +8,26 @@ settings (tied embeddings, final norm, embedding scale, logit soft-cap).
 
 from __future__ import annotations
 
-from seqdsl.diagnostics import Collector, did_you_mean, error, one_of
+from seqdsl.diagnostics import Collector, SpecError, did_you_mean, error, one_of
 from seqdsl.frontend import ast
 from seqdsl.frontend.consteval import ConstEvaluator
 from seqdsl.ir.graph import BlockInstance, Layer, ModelSettings, Program
 from seqdsl.ir.values import BlockRef, is_number, type_name
+
+
+def _block_defaults(d, spec) -> dict:
+    """A block's hyper-parameter defaults, evaluated in the model's scope (those that can be)."""
+    env = dict(spec.config)
+    overrides = spec.def_overrides.get(d.name, {})
+    out = {}
+    for h in d.hyper:
+        try:
+            value = overrides[h.name] if h.name in overrides else \
+                ConstEvaluator(env, what="a default").eval(h.default)
+        except SpecError:
+            continue  # reported when the block is built
+        out[h.name] = env[h.name] = value
+    return out
 
 
 def _flatten(value, span) -> list:
@@ -23,7 +38,8 @@ def _flatten(value, span) -> list:
         for v in value:
             out.extend(_flatten(v, span))
         return out
-    raise error(span, f"the layer pattern must be a list of blocks, found a {type_name(value)}",
+    article = "an" if type_name(value)[0] in "aeiou" else "a"
+    raise error(span, f"the layer pattern must be a list of blocks, found {article} {type_name(value)}",
                 "e.g. layers = [rec, rec, attn] * 4")
 
 
@@ -46,12 +62,16 @@ def expand_pattern(program: Program) -> Program:
         return None
 
     layers_expr = model.settings["layers"]
-    evaluator = ConstEvaluator(spec.config, blocks=classify, what="the layer pattern")
+    evaluator = ConstEvaluator(spec.config, blocks=classify, what="the layer pattern",
+                               block_names=tuple(n for n, d in defs.items() if d.kind == "block")
+                               + tuple(shared_blocks))
     refs = _flatten(evaluator.eval(layers_expr), layers_expr.span)
     if not refs:
         raise error(layers_expr.span, "the layer pattern is empty")
 
+    defaults = {name: _block_defaults(d, spec) for name, d in defs.items() if d.kind == "block"}
     collector = Collector()
+    group_args: dict[str, tuple] = {}
     instances: dict[tuple, BlockInstance] = {}
     names_by_block: dict[str, int] = {}
     layers = []
@@ -66,6 +86,17 @@ def expand_pattern(program: Program) -> Program:
                                 did_you_mean(k, params) or
                                 (f"its hyper-parameters: {one_of(params)}" if params else
                                  f"block '{block_name}' takes no hyper-parameters"))
+            # arguments equal to the default do not make a new instance
+            args = tuple((k, v) for k, v in ref.args
+                         if not (k in defaults[block_name] and defaults[block_name][k] == v
+                                 and type(defaults[block_name][k]) is type(v)))
+            if ref.name in shared_blocks:
+                first = group_args.setdefault(ref.name, args)
+                if first != args:
+                    raise error(ref.span, f"shared block '{ref.name}' is used with different "
+                                "hyper-parameters; shared weights need one shape",
+                                "share one block instance, or use separate blocks")
+            ref = BlockRef(ref.name, args, ref.span)
             key = (block_name, ref.args)
             if key not in instances:
                 n = names_by_block.get(block_name, 0)

@@ -12,7 +12,7 @@ from seqdsl.diagnostics import Collector, error
 from seqdsl.frontend.consteval import _rule_signature
 from seqdsl.ir.builtins import INIT_RULES, InitRule
 from seqdsl.ir.graph import BlockInstance, Graph, Program
-from seqdsl.ir.ops import BINARY_ARITH, COMPARE, Op
+from seqdsl.ir.ops import BINARY_ARITH, COMPARE, ELEMENTWISE_UNARY, Op
 from seqdsl.ir.values import BINARY, FUNCTIONS, is_number, type_name
 
 _SYMBOL = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.FLOORDIV: "//", Op.MOD: "%",
@@ -94,6 +94,8 @@ def fold_graph(g: Graph, outputs: dict[str, int] | None = None) -> Graph:
             value = not v
         elif op in FUNCTIONS and all_const and ins:
             args = [i.attr("value") for i in ins]
+            if op in ELEMENTWISE_UNARY:
+                args = args[:1]  # options such as gelu's `approximate` do not change a constant
             value = FUNCTIONS[op](args, node.span)
             if any(i.attr("sym") for i in ins):
                 inner = ", ".join(_sym_of(i) for i in ins)

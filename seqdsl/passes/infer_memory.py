@@ -50,11 +50,13 @@ def states_of(graph) -> tuple[State, ...]:
         elif node.op is Op.ATTENTION:
             window = node.attr("window")
             per_token = node.attr("kv_heads") * (node.attr("key_dim") + node.attr("value_dim"))
-            first = Dim.of(window, "window") if window else Dim(0, "T")
+            # between calls a windowed layer keeps the last window - 1 keys and values: the next
+            # token attends to those and to itself
+            first = Dim.of(window - 1, "window - 1") if window else Dim(0, "T")
             shape = (first, Dim.of(node.attr("kv_heads")),
                      Dim.of(node.attr("key_dim") + node.attr("value_dim"), "key_dim + value_dim"))
             out.append(State("kv", node.id, node.scope, _label(node), shape, "activation",
-                             per_token * (window or 1), window is not None,
+                             per_token * (window - 1 if window else 1), window is not None,
                              f"KV cache, {'window ' + str(window) if window else 'grows with the context'}"))
     return tuple(out)
 

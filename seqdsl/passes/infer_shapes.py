@@ -81,7 +81,7 @@ def unary_range(op: Op, r: Interval) -> Interval:
         return Interval(math.log(r.lo) if r.lo > 0 else -INF,
                         (math.log(r.hi) if r.hi != INF else INF) if r.hi > 0 else -INF)
     if op is Op.SQRT:
-        return Interval(math.sqrt(max(r.lo, 0.0)), math.sqrt(r.hi) if r.hi != INF else INF)
+        return Interval(math.sqrt(max(r.lo, 0.0)), math.sqrt(max(r.hi, 0.0)) if r.hi != INF else INF)
     if op is Op.ABS:
         lo = 0.0 if r.lo <= 0 <= r.hi else min(abs(r.lo), abs(r.hi))
         return Interval(lo, max(abs(r.lo), abs(r.hi)))
@@ -218,6 +218,11 @@ class _Infer:
             if x.dtype == "complex" and op not in (Op.NEG, Op.EXP, Op.ABS):
                 raise error(node.span, f"{op.value}() is not defined for complex values",
                             "apply it to a real part: real(z), imag(z), or abs(z)")
+            if op is Op.GELU:
+                mode = self.const(ins[1], "gelu's approximate", (_is_str,))
+                if mode not in ("none", "tanh"):
+                    raise error(self.g.node(ins[1]).span,
+                                f"gelu's approximate must be \"none\" or \"tanh\", got \"{mode}\"")
             if op is Op.ABS and x.dtype == "complex":
                 return TensorType(x.shape, "real", Interval(0.0, INF))
             return TensorType(x.shape, x.dtype, unary_range(op, x.range)
@@ -231,8 +236,11 @@ class _Infer:
     def arith(self, node):
         a_id, b_id = node.inputs
         if node.op in (Op.FLOORDIV, Op.MOD):
-            self.const(a_id, f"an operand of '{'//' if node.op is Op.FLOORDIV else '%'}'")
-            self.const(b_id, f"an operand of '{'//' if node.op is Op.FLOORDIV else '%'}'")
+            sym = "//" if node.op is Op.FLOORDIV else "%"
+            for operand in (a_id, b_id):
+                if not isinstance(self.types[operand], ConstType):
+                    raise error(node.span, f"'{sym}' works on compile-time constants; an operand "
+                                f"is a tensor {self.types[operand]}")
         a = self.tensor(a_id, "the left operand")
         b = self.tensor(b_id, "the right operand")
         shape = broadcast(a.shape, b.shape)
@@ -259,6 +267,8 @@ class _Infer:
         if broadcast(a.shape, b.shape) is None or shape is None:
             raise error(node.span, f"lerp(): shapes {shape_str(a.shape)}, {shape_str(b.shape)} "
                         f"and {shape_str(w.shape)} do not broadcast")
+        if "complex" in (a.dtype, b.dtype, w.dtype):
+            return TensorType(shape, "complex")
         rng = UNBOUNDED
         if w.range.within(0, 1):
             rng = Interval(min(a.range.lo, b.range.lo), max(a.range.hi, b.range.hi))
@@ -327,6 +337,8 @@ class _Infer:
 
     def op_concat(self, node):
         ts = [self.tensor(i, "a concat input") for i in node.inputs]
+        if any(not t.shape for t in ts):
+            raise error(node.span, "concat() needs tensors with a last dim")
         first = ts[0]
         for t in ts[1:]:
             if t.shape[:-1] != first.shape[:-1] and tuple(d.size for d in t.shape[:-1]) != \
@@ -383,6 +395,9 @@ class _Infer:
             idx = self.tensor(node.inputs[1], "the index")
             if idx.shape != ():
                 raise error(self.g.node(node.inputs[1]).span, "an index must be a single integer")
+            if self._depends_on_layer(node.inputs[1]) and idx.range.lo < 0:
+                raise error(node.span, f"the index can be negative (its range is {idx.range}): "
+                            "a negative layer index would read from the end")
             if self._depends_on_layer(node.inputs[1]) and idx.range.hi >= rows.size:
                 raise error(node.span, f"indexing a value with {rows.size} rows by the layer "
                             f"index, but the model has {int(idx.range.hi) + 1} layers",
@@ -432,6 +447,7 @@ class _Infer:
 
     def op_proj(self, node):
         x = self.real(node.inputs[0], "proj's input")
+        self._not_const(node, "proj")
         size = self.dim_of_const(node.inputs[1], "proj's size")
         bias = self.const(node.inputs[2], "bias", (_is_bool,))
         init = self.const(node.inputs[3], "init", (_is_rule, _is_none))
@@ -451,6 +467,7 @@ class _Infer:
 
     def op_conv1d(self, node):
         x = self.real(node.inputs[0], "conv1d's input")
+        self._not_const(node, "conv1d")
         width = self.const(node.inputs[1], "conv1d's width", (_is_int,))
         if width < 1:
             raise error(self.g.node(node.inputs[1]).span, f"conv1d's width must be >= 1, got {width}")
@@ -459,6 +476,13 @@ class _Infer:
         if init is not None:
             _check_init(init, (), self.g.node(node.inputs[3]).span)
         return TensorType(x.shape, "real")
+
+    def _not_const(self, node, what: str) -> None:
+        """A layer's weights are sized by its input, which must be a tensor, not a constant."""
+        t = self.types[node.inputs[0]]
+        if isinstance(t, ConstType):
+            raise error(self.g.node(node.inputs[0]).span,
+                        f"{what}'s input must be a tensor, got the constant {t.value!r}")
 
     def op_param(self, node):
         shape_v = self.const(node.inputs[0], "param's shape", (_is_int, _is_list))
@@ -478,6 +502,7 @@ class _Infer:
         if len(logits.shape) != 1:
             raise error(node.span, f"route() needs logits of shape [experts], got {shape_str(logits.shape)}")
         k = self.const(node.inputs[1], "top_k", (_is_int,))
+        self.const(node.inputs[2], "normalize", (_is_bool,))
         if not 1 <= k <= logits.shape[0].size:
             raise error(self.g.node(node.inputs[1]).span,
                         f"top_k must be between 1 and the number of experts ({logits.shape[0]}), got {k}")
@@ -516,14 +541,19 @@ class _Infer:
         return v
 
     def _qkv(self, node, core: str, steps: int | None = None):
-        """q/k/v shapes of linear (steps None) and delta (k, v may lead with [steps])."""
+        """q/k/v shapes of linear (steps None) and delta (k, v may lead with [steps]).
+
+        q and k are [key_heads, K] or [K]; v is [heads, V] or [V]. The state has ``heads`` (the
+        value heads): when q/k have fewer heads (or none), each of their heads serves
+        heads / key_heads value heads (grouped B/C in Mamba-2, GVA in Gated DeltaNet).
+        Returns q, k, v, H, K, V, has_heads, key_heads.
+        """
         q = self.real(node.inputs[0], f"{core}'s q")
         k = self.real(node.inputs[1], f"{core}'s k")
         v = self.real(node.inputs[2], f"{core}'s v")
         if len(q.shape) not in (1, 2):
             raise error(self.g.node(node.inputs[0]).span,
                         f"{core}'s q must have shape [heads, key_dim] or [key_dim], got {shape_str(q.shape)}")
-        H = q.shape[0] if len(q.shape) == 2 else Dim.of(1)
         K = q.shape[-1]
         # with steps sub-steps per token, k and v carry a leading [steps] dim (optional for 1)
         lead = (steps,) if steps is not None and (steps > 1 or len(k.shape) == len(q.shape) + 1) \
@@ -533,12 +563,24 @@ class _Infer:
             exp = ("[steps, " if lead else "[") + ", ".join(str(d) for d in q.shape) + "]"
             raise error(self.g.node(node.inputs[1]).span, f"{core}'s k must have shape {exp}"
                         f"{' (steps = ' + str(steps) + ')' if lead else ''}, got {shape_str(k.shape)}")
-        if len(v.shape) != len(k.shape) or v.sizes[:-1] != k.sizes[:-1]:
+        v_rank = len(v.shape) - len(lead)
+        if v_rank not in (1, 2) or v.sizes[:len(lead)] != lead:
+            exp = ("[steps, " if lead else "[") + "heads, value_dim] or " + \
+                ("[steps, " if lead else "[") + "value_dim]"
             raise error(self.g.node(node.inputs[2]).span,
-                        f"{core}'s v must have the leading dims of k {shape_str(k.shape[:-1])} "
-                        f"plus a value dim, got {shape_str(v.shape)}")
+                        f"{core}'s v must have shape {exp}, got {shape_str(v.shape)}")
+        key_heads = q.shape[0] if len(q.shape) == 2 else None
+        H = v.shape[len(lead)] if v_rank == 2 else None
+        if key_heads is not None and H is None:
+            raise error(self.g.node(node.inputs[2]).span,
+                        f"{core}'s v needs a head dim: q and k have {key_heads} heads")
+        if key_heads is not None and H.size % key_heads.size:
+            raise error(self.g.node(node.inputs[2]).span,
+                        f"{core}'s v has {H} heads, not a multiple of the {key_heads} heads of q and k")
+        has_heads = H is not None
+        H = H or Dim.of(1)
         V = v.shape[-1]
-        return q, k, v, H, K, V
+        return q, k, v, H, K, V, has_heads, (key_heads.size if key_heads is not None else 1)
 
     def _decay(self, node, core, H, K, V, has_heads: bool, pos_decay, pos_log, allow=("scalar", "key", "key_value")):
         decay_t = self.types[node.inputs[pos_decay]]
@@ -578,26 +620,26 @@ class _Infer:
         return ("complex_key" if is_complex else kind), d
 
     def op_linear(self, node):
-        q, k, v, H, K, V = self._qkv(node, "linear")
-        kind, d = self._decay(node, "linear", H, K, V, len(q.shape) == 2, 3, 4)
+        q, k, v, H, K, V, has_heads, key_heads = self._qkv(node, "linear")
+        kind, d = self._decay(node, "linear", H, K, V, has_heads, 3, 4)
         scale = self.const(node.inputs[5], "scale", (_is_num, _is_none))
         self._state_dtype(node, 6)
         state = (H, K, V)
-        self._annotate(node, decay_kind=kind, heads=H.size, key_dim=K.size, value_dim=V.size,
-                       scale=K.size ** -0.5 if scale is None else float(scale), state_shape=state,
-                       complex=kind == "complex_key")
+        self._annotate(node, decay_kind=kind, heads=H.size, key_heads=key_heads, key_dim=K.size,
+                       value_dim=V.size, scale=K.size ** -0.5 if scale is None else float(scale),
+                       state_shape=state, complex=kind == "complex_key")
         return TensorType(v.shape, "real")
 
     def op_delta(self, node):
         steps = self.const(node.inputs[6], "steps", (_is_int,))
         if steps < 1:
             raise error(self.g.node(node.inputs[6]).span, f"steps must be >= 1, got {steps}")
-        q, k, v, H, K, V = self._qkv(node, "delta", steps)
+        q, k, v, H, K, V, has_heads, key_heads = self._qkv(node, "delta", steps)
         beta = self.real(node.inputs[3], "delta's beta")
         stepped = len(k.shape) == len(q.shape) + 1
-        want = ((steps,) if stepped else ()) + ((H.size,) if len(q.shape) == 2 else ())
+        want = ((steps,) if stepped else ()) + ((H.size,) if has_heads else ())
         if beta.sizes != want and not (beta.sizes == (1,) and want == ()):
-            exp = "[" + ", ".join((["steps"] if stepped else []) + (["heads"] if len(q.shape) == 2 else [])) + "]"
+            exp = "[" + ", ".join((["steps"] if stepped else []) + (["heads"] if has_heads else [])) + "]"
             raise error(self.g.node(node.inputs[3]).span,
                         f"delta's beta must have shape {exp}, one per head"
                         f"{' and step' if stepped else ''}, got {shape_str(beta.shape)}")
@@ -607,12 +649,12 @@ class _Infer:
                         f"its inferred range is {beta.range}",
                         "use sigmoid(...) for beta in (0, 1), or 2 * sigmoid(...) to allow "
                         "negative eigenvalues")
-        kind, _ = self._decay(node, "delta", H, K, V, len(q.shape) == 2, 4, 5, allow=("scalar",))
+        kind, _ = self._decay(node, "delta", H, K, V, has_heads, 4, 5, allow=("scalar",))
         scale = self.const(node.inputs[7], "scale", (_is_num, _is_none))
         self._state_dtype(node, 8)
         eig = Interval(1.0 - beta.range.hi, 1.0 - beta.range.lo)
-        self._annotate(node, decay_kind=kind, heads=H.size, key_dim=K.size, value_dim=V.size,
-                       steps=steps, eigenvalues=str(eig), scale=K.size ** -0.5 if scale is None
+        self._annotate(node, decay_kind=kind, heads=H.size, key_heads=key_heads, key_dim=K.size,
+                       value_dim=V.size, steps=steps, eigenvalues=str(eig), scale=K.size ** -0.5 if scale is None
                        else float(scale), state_shape=(H, K, V), complex=False)
         return TensorType(v.shape[1:] if stepped else v.shape, "real")
 
@@ -661,6 +703,10 @@ class _Infer:
             src = self.g.node(node.inputs[0])
             raise error(src.span, f"block '{self.instance.block}' must keep the residual stream's "
                         f"shape [d={self.d}], found {x}")
+        if self.instance is not None and x.dtype != "real":
+            raise error(self.g.node(node.inputs[0]).span,
+                        f"block '{self.instance.block}' makes the residual stream complex",
+                        "take real(z), imag(z) or abs(z) of a complex value")
         return x
 
 
@@ -708,8 +754,10 @@ def _check_init(init: InitRule, shape: tuple[int, ...], span) -> None:
     if init.name in ("uniform", "log_uniform", "inv_softplus_log_uniform", "logit_pow_uniform",
                      "log_arange", "decay_range") and args["low"] > args["high"]:
         raise error(span, f"init rule {init!r}: low must not exceed high")
-    if init.name in ("log_uniform", "log_arange", "inv_softplus_log_uniform") and args["low"] <= 0:
+    if init.name in ("log_arange", "inv_softplus_log_uniform") and args["low"] <= 0:
         raise error(span, f"init rule {init!r} takes logarithms: low must be > 0")
+    if init.name == "log_uniform" and args["low"] < 0:
+        raise error(span, f"init rule {init!r} takes logarithms: low must be >= 0")
     if init.name == "logit_pow_uniform" and not (0 < args["low"] and args["high"] < 1):
         raise error(span, f"init rule {init!r}: the range must lie inside (0, 1)")
 

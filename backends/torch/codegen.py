@@ -1,0 +1,605 @@
+"""The torch code generator: a lowered Program → one readable PyTorch module.
+
+The generator precomputes a view-model (class names, ``__init__`` lines, ``forward`` lines with
+shape comments) and the jinja2 template only lays it out. Each block instance becomes an
+``nn.Module`` whose forward is a straight-line transcription of its graph; parameters live in
+one container per call scope (``self.mamba.dt_proj``), so names read like hand-written code.
+Values are ``[B, T, *per-token shape]`` when they vary over time, and plain per-token tensors
+(parameters, shared tables) otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import keyword
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from seqdsl import __version__
+from seqdsl.ir.builtins import InitRule
+from seqdsl.ir.graph import Graph, Program
+from seqdsl.ir.ops import ELEMENTWISE_UNARY, Op
+from seqdsl.ir.types import ConstType, TensorType
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+_RESERVED = set(keyword.kwlist) | set(dir(builtins)) | {
+    "self", "x", "state", "shared", "new_state", "cu_seqlens", "reference", "layer_idx", "torch",
+    "nn", "F", "rt", "math", "config", "Config", "Model"}
+
+_UNARY = {Op.NEG: "-{}", Op.SIGMOID: "torch.sigmoid({})", Op.SILU: "F.silu({})",
+          Op.RELU: "F.relu({})",
+          Op.SOFTPLUS: "F.softplus({})", Op.TANH: "torch.tanh({})", Op.EXP: "torch.exp({})",
+          Op.LOG: "torch.log({})", Op.LOGSIGMOID: "F.logsigmoid({})", Op.SQRT: "torch.sqrt({})",
+          Op.ABS: "torch.abs({})"}
+_BINARY = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "**"}
+
+
+class Namespace:
+    """Hands out unique, legal Python identifiers that never shadow builtins or generated names."""
+
+    def __init__(self, reserved=()):
+        self.taken = set(_RESERVED) | set(reserved)
+
+    def name(self, base: str) -> str:
+        base = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "t"
+        if base[0].isdigit():
+            base = "t" + base
+        candidate, i = base, 1
+        while candidate in self.taken:
+            candidate, i = f"{base}_{i}", i + 1
+        self.taken.add(candidate)
+        return candidate
+
+
+def camel(name: str) -> str:
+    return "".join(p[:1].upper() + p[1:] for p in name.split("_") if p) or "Block"
+
+
+def _literal(v) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (bool, int)) or v is None:
+        return repr(v)
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_literal(i) for i in v) + ("," if len(v) == 1 else "") + ")"
+    raise TypeError(f"not a literal: {v!r}")
+
+
+@dataclass
+class ParamInit:
+    target: str        # e.g. "self.mamba.A_weight" or "self.mamba.dt_proj.bias"
+    rule: InitRule
+
+
+@dataclass
+class ModuleView:
+    class_name: str
+    doc: str
+    spec_ref: str
+    init_lines: list[str] = field(default_factory=list)
+    forward_lines: list[str] = field(default_factory=list)
+    inits: list[ParamInit] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    extra_classes: list["ModuleView"] = field(default_factory=list)
+    forward_args: str = ""
+    returns: str = ""
+
+
+class _GraphEmitter:
+    """Emits the __init__ and forward lines for one graph."""
+
+    def __init__(self, g: Graph, shared_names: dict[str, str], owner: str = "self",
+                 nodes: list | None = None, inputs: dict[int, str] | None = None):
+        self.g = g
+        self.ns = Namespace()
+        self.owner = owner
+        self.vars: dict[int, str] = dict(inputs or {})
+        self.ns.taken.update(self.vars.values())
+        self.tv: dict[int, bool] = {}
+        self.init: list[str] = []
+        self.fwd: list[str] = []
+        self.inits: list[ParamInit] = []
+        self.containers: set[tuple[str, ...]] = set()
+        self.attr_ns: dict[tuple[str, ...], Namespace] = {}
+        self.shared_names = shared_names
+        self.nodes = nodes if nodes is not None else list(g.nodes())
+        self.states: list[str] = []
+        self.extra: list[ModuleView] = []
+        self.fp32: set[int] = set()
+        self.current: int | None = None
+        self.expert_classes = 0
+        self.class_prefix = "Expert"
+        self.scope_prefix: tuple[str, ...] = ()  # stripped from attribute paths (expert bodies)
+        regions = [n.attr("region") for n in self.nodes if n.op is Op.EXPERTS]
+        self.in_region = {n.id for n in self.nodes
+                          if any(n.scope[:len(r)] == r for r in regions)}
+
+    # -- helpers
+    def t(self, nid: int) -> TensorType:
+        return self.g.node(nid).type
+
+    def rank(self, nid: int) -> int:
+        t = self.t(nid)
+        return len(t.shape) if isinstance(t, TensorType) else 0
+
+    def const(self, nid: int):
+        return self.g.node(nid).attr("value")
+
+    def ref(self, nid: int) -> str:
+        node = self.g.node(nid)
+        if node.op is Op.CONST:
+            return _literal(node.attr("value"))
+        name = self.vars[nid]
+        t = node.type
+        if self.current in self.fp32 and nid not in self.fp32:
+            if isinstance(t, TensorType) and t.dtype == "real":
+                return f"{name}.float()"
+        elif self.current not in self.fp32 and nid in self.fp32 and self.current is not None \
+                and self.g.node(self.current).op not in self._GATES:
+            if isinstance(t, TensorType) and t.dtype == "real":
+                return f"{name}.to(x.dtype)"  # back to the activation dtype
+        return name
+
+    def varies(self, nid: int) -> bool:
+        return self.tv.get(nid, False)
+
+    def attr(self, node) -> str:
+        """A parameter-holding attribute path for a node: self.<scope...>.<name>."""
+        scope = node.scope[len(self.scope_prefix):]
+        for i in range(1, len(scope) + 1):
+            if scope[:i] not in self.containers:
+                self.containers.add(scope[:i])
+                parent = ".".join((self.owner,) + scope[:i - 1])
+                self.init.append(f"{parent}.{scope[i - 1]} = nn.Module()")
+        ns = self.attr_ns.setdefault(scope, Namespace({"layer_idx"}))
+        name = ns.name(node.name or node.op.value)
+        return ".".join((self.owner,) + scope + (name,))
+
+    def var(self, node) -> str:
+        name = self.ns.name(node.name or f"t{node.id}")
+        self.vars[node.id] = name
+        return name
+
+    def comment(self, node) -> str:
+        t = node.type
+        if isinstance(t, TensorType):
+            dims = ", ".join(str(d) for d in t.shape)
+            lead = "B, T" + (", " if dims else "") if self.varies(node.id) else ""
+            return f"  # [{lead}{dims}]" + (" complex" if t.dtype == "complex" else "")
+        return ""
+
+    def assign(self, node, expr: str) -> None:
+        v = self.var(node)
+        self.fwd.append(f"{v} = {expr}{self.comment(node)}")
+
+    def operand(self, nid: int, rank: int) -> str:
+        """A reference lifted to ``rank`` per-token dims when it varies over time."""
+        r = self.ref(nid)
+        if self.varies(nid) and self.rank(nid) < rank:
+            return f"rt.lift({r}, {rank})"
+        return r
+
+    def timed(self, nid: int, like: str) -> str:
+        """A value as [B, T, ...]: time-invariant ones are expanded along batch and time."""
+        r = self.ref(nid)
+        return r if self.varies(nid) else f"rt.along_time({r}, {like})"
+
+    def state_slot(self, node) -> str:
+        key = ".".join(node.scope + ((node.name,) if node.name else (node.op.value,)))
+        self.states.append(key)
+        return key
+
+    # -- precision
+    #: ops computed in float32 when they produce a core's gate: cheap, and the difference
+    #: between a decay of 1 - 2^-9 and 1 matters (bf16 cannot tell them apart)
+    _GATE_MATH = ELEMENTWISE_UNARY | frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.LERP,
+                                               Op.EXPI, Op.COMPLEX, Op.REAL, Op.IMAG})
+    #: core inputs that are gates or decays: (op, input positions)
+    _GATES = {Op.SCAN: (0, 1), Op.LINEAR: (4, 7), Op.DELTA: (3, 5)}
+
+    def _fp32_nodes(self) -> set[int]:
+        out: set[int] = set()
+        stack = [n.inputs[i] for n in self.nodes if n.op in self._GATES
+                 for i in self._GATES[n.op] if i < len(n.inputs)]
+        while stack:
+            nid = stack.pop()
+            node = self.g.node(nid)
+            if nid in out or node.op not in self._GATE_MATH:
+                continue
+            out.add(nid)
+            stack.extend(node.inputs)
+        return out
+
+    # -- driver
+    def run(self) -> None:
+        self.fp32 = self._fp32_nodes()
+        for node in self.nodes:
+            if node.id in self.vars or node.id in self.in_region:
+                continue
+            self.current = node.id
+            ins = node.inputs
+            self.tv[node.id] = any(self.varies(i) for i in ins) or node.op is Op.INPUT or \
+                (node.id in self.vars)
+            handler = getattr(self, "op_" + node.op.name.lower(), None)
+            if handler is not None:
+                handler(node)
+            elif node.op is Op.GELU:
+                self.assign(node, f"F.gelu({self.ref(ins[0])}, approximate={self.const(ins[1])!r})")
+            elif node.op in _UNARY:
+                self.assign(node, _UNARY[node.op].format(self.ref(ins[0])))
+            elif node.op in _BINARY:
+                r = self.rank(node.id)
+                a, b = self.operand(ins[0], r), self.operand(ins[1], r)
+                self.assign(node, f"{a} {_BINARY[node.op]} {b}")
+            else:  # pragma: no cover - every op reaching codegen has an emitter
+                raise NotImplementedError(f"torch backend: no emitter for {node.op.value}")
+
+    # -- sources
+    def op_const(self, node):
+        self.tv[node.id] = False
+
+    def op_input(self, node):
+        self.tv[node.id] = True
+
+    def op_output(self, node):
+        self.fwd.append(f"return {self.ref(node.inputs[0])}")
+
+    def op_layer_index(self, node):
+        self.tv[node.id] = False
+        self.vars[node.id] = "layer_idx"
+
+    def op_shared(self, node):
+        self.tv[node.id] = False
+        self.assign(node, f"shared[{node.attr('name')!r}]")
+
+    def op_param(self, node):
+        self.tv[node.id] = False
+        path = self.attr(node)
+        shape = self.const(node.inputs[0])
+        shape = shape if isinstance(shape, tuple) else (shape,)
+        self.init.append(f"{path} = nn.Parameter(torch.empty({_literal(tuple(shape))}))")
+        self.inits.append(ParamInit(path, self.const(node.inputs[1])))
+        self.vars[node.id] = path
+
+    def op_arange(self, node):
+        self.tv[node.id] = False
+        path = self.attr(node)
+        parent, name = path.rsplit(".", 1)
+        self.init.append(f"{parent}.register_buffer({name!r}, torch.arange("
+                         f"{self.const(node.inputs[0])}, dtype=torch.float32), persistent=False)")
+        self.vars[node.id] = path
+
+    # -- layers
+    def op_proj(self, node):
+        x, size, bias, init, bias_init, groups = node.inputs
+        fan_in = self.t(x).numel
+        out = self.const(size)
+        path = self.attr(node)
+        if self.const(groups) > 1:
+            self.init.append(f"{path} = rt.GroupedLinear({fan_in}, {out}, groups={self.const(groups)}, "
+                             f"bias={self.const(bias)})")
+        else:
+            self.init.append(f"{path} = nn.Linear({fan_in}, {out}, bias={self.const(bias)})")
+        if self.const(init) is not None:
+            self.inits.append(ParamInit(f"{path}.weight", self.const(init)))
+        if self.const(bias_init) is not None:
+            self.inits.append(ParamInit(f"{path}.bias", self.const(bias_init)))
+        src = self.ref(x)
+        if self.rank(x) > 1:
+            src = f"{src}.flatten({2 if self.varies(x) else 0})"
+        self.assign(node, f"{path}({src})")
+
+    def op_conv1d(self, node):
+        x, width, bias, init = node.inputs
+        t = self.t(x)
+        path = self.attr(node)
+        self.init.append(f"{path} = rt.CausalConv1d({t.numel}, {self.const(width)}, "
+                         f"bias={self.const(bias)})")
+        if self.const(init) is not None:
+            self.inits.append(ParamInit(f"{path}.weight", self.const(init)))
+        slot = self.state_slot(node)
+        src = self.ref(x)
+        flat = f"{src}.flatten(2)" if len(t.shape) > 1 else src
+        v = self.var(node)
+        self.fwd.append(f"{v}, new_state[{slot!r}] = {path}({flat}, state.get({slot!r}), cu_seqlens)")
+        if len(t.shape) > 1:
+            self.fwd.append(f"{v} = {v}.unflatten(-1, {_literal(t.sizes)}){self.comment(node)}")
+
+    def _norm(self, node, ctor: str, args: str):
+        path = self.attr(node)
+        self.init.append(f"{path} = rt.{ctor}({args})")
+        self.assign(node, f"{path}({self.ref(node.inputs[0])})")
+
+    def op_rmsnorm(self, node):
+        x, eps, weight = node.inputs
+        self._norm(node, "RMSNorm", f"{self.t(x).shape[-1].size}, eps={self.const(eps)!r}, "
+                                    f"weight={self.const(weight)}")
+
+    def op_layernorm(self, node):
+        x, eps, weight, bias = node.inputs
+        self._norm(node, "LayerNorm", f"{self.t(x).shape[-1].size}, eps={self.const(eps)!r}, "
+                                      f"weight={self.const(weight)}, bias={self.const(bias)}")
+
+    def op_groupnorm(self, node):
+        x, eps, weight = node.inputs
+        self._norm(node, "GroupNorm", f"{_literal(self.t(x).sizes)}, eps={self.const(eps)!r}, "
+                                      f"weight={self.const(weight)}")
+
+    def op_l2norm(self, node):
+        x, eps = node.inputs
+        self.assign(node, f"rt.l2norm({self.ref(x)}, eps={self.const(eps)!r})")
+
+    # -- shape
+    def op_split(self, node):
+        x, parts = node.inputs
+        sizes = [t.shape[-1].size for t in node.type.items]
+        self.assign(node, f"torch.split({self.ref(x)}, {_literal(tuple(sizes))}, dim=-1)")
+
+    def op_getitem(self, node):
+        self.assign(node, f"{self.ref(node.inputs[0])}[{node.attr('index')}]")
+
+    def op_concat(self, node):
+        r = self.rank(node.id)
+        parts = ", ".join(self.operand(i, r) for i in node.inputs)
+        self.assign(node, f"torch.cat([{parts}], dim=-1)")
+
+    def op_heads(self, node):
+        dims = node.type.sizes[len(self.t(node.inputs[0]).shape) - 1:]
+        self.assign(node, f"{self.ref(node.inputs[0])}.unflatten(-1, {_literal(dims)})")
+
+    def op_flatten(self, node):
+        start = 2 if self.varies(node.inputs[0]) else 0
+        self.assign(node, f"{self.ref(node.inputs[0])}.flatten({start})")
+
+    def op_index(self, node):
+        x, i = node.inputs
+        idx = self.ref(i)
+        if self.varies(x):
+            self.assign(node, f"{self.ref(x)}[:, :, {idx}]")
+        else:
+            self.assign(node, f"{self.ref(x)}[{idx}]")
+
+    def _dim(self, node, pos) -> int:
+        d = self.const(node.inputs[pos])
+        return d + 2 if self.varies(node.inputs[0]) and d >= 0 else d
+
+    def op_softmax(self, node):
+        self.assign(node, f"torch.softmax({self.ref(node.inputs[0])}, dim={self._dim(node, 1)})")
+
+    def op_cumsum(self, node):
+        self.assign(node, f"torch.cumsum({self.ref(node.inputs[0])}, dim={self._dim(node, 1)})")
+
+    def op_sum(self, node):
+        self.assign(node, f"torch.sum({self.ref(node.inputs[0])}, dim={self._dim(node, 1)})")
+
+    def op_lerp(self, node):
+        r = self.rank(node.id)
+        a, b, w = (self.operand(i, r) for i in node.inputs)
+        self.assign(node, f"{a} + ({b} - {a}) * {w}")
+
+    # -- complex
+    def op_expi(self, node):
+        th = self.ref(node.inputs[0])
+        self.assign(node, f"torch.polar(torch.ones_like({th}.float()), {th}.float())")
+
+    def op_complex(self, node):
+        r = self.rank(node.id)
+        a, b = (self.operand(i, r) for i in node.inputs)
+        self.assign(node, f"torch.complex(*torch.broadcast_tensors(torch.as_tensor({a}).float(), "
+                          f"torch.as_tensor({b}).float()))")
+
+    def op_real(self, node):
+        self.assign(node, f"torch.real({self.ref(node.inputs[0])})")
+
+    def op_imag(self, node):
+        self.assign(node, f"torch.imag({self.ref(node.inputs[0])})")
+
+    # -- mixture of experts
+    def op_route(self, node):
+        self.assign(node, f"rt.route({self.ref(node.inputs[0])}, {self.const(node.inputs[1])}, "
+                          f"normalize={self.const(node.inputs[2])})")
+
+    def op_experts(self, node):
+        """The expert region becomes a class of its own, instantiated once per expert."""
+        region = node.attr("region")
+        inside = [n for n in self.nodes if n.scope[:len(region)] == region]
+        inside_ids = {n.id for n in inside}
+        outside_inputs = []
+        for n in inside:
+            for i in n.inputs:
+                src = self.g.node(i)
+                if i not in inside_ids and src.op is not Op.CONST and i not in outside_inputs:
+                    outside_inputs.append(i)
+        out_id = node.inputs[0]
+        n_experts = self.t(node.inputs[1]).shape[0].size
+        self.expert_classes += 1
+        cls = f"{self.class_prefix}{self.expert_classes}"
+        names = {i: f"in{k}" for k, i in enumerate(outside_inputs)}
+        sub = _GraphEmitter(self.g, self.shared_names, owner="self", nodes=inside, inputs=names)
+        sub.scope_prefix = region
+        sub.in_region = set()
+        for i in outside_inputs:
+            sub.tv[i] = False  # inside an expert, inputs are [N, *S] rows of tokens
+        sub.run()
+        sub.fwd.append(f"return {sub.ref(out_id)}")
+        view = ModuleView(cls, f"One expert of `{region[-1]}` (instantiated {n_experts} times).",
+                          "", sub.init, sub.fwd, sub.inits, [], sub.extra,
+                          forward_args=", ".join(names[i] for i in outside_inputs))
+        self.extra.append(view)
+        path = self.attr(node.replace(name="experts", scope=node.scope))
+        self.init.append(f"{path} = nn.ModuleList([{cls}() for _ in range({n_experts})])")
+        args = ", ".join(self.ref(i) for i in outside_inputs)
+        self.assign(node, f"rt.mixture({self.ref(node.inputs[1])}, {path}, {args})")
+
+    # -- cores
+    def _core_qk(self, nid: int, node, head_dim: int) -> str:
+        """q or k as [B, T, (steps,) H, K]: add a missing head dim, repeat shared heads."""
+        r = self.ref(nid)
+        heads, key_heads = node.attr("heads"), node.attr("key_heads")
+        has_heads = self.rank(nid) == head_dim  # per-token rank counts (steps,) H, K
+        if not has_heads:
+            r = f"{r}.unsqueeze({head_dim})"
+        if key_heads != heads or (not has_heads and heads > 1):
+            r = f"rt.repeat_heads({r}, {heads}, dim={head_dim})"
+        return r
+
+    def _core_v(self, nid: int, stepped: bool) -> tuple[str, bool]:
+        """v as [B, T, (steps,) H, V]; returns it and whether the spec wrote heads."""
+        has_heads = self.rank(nid) == (3 if stepped else 2)
+        r = self.ref(nid)
+        return (r if has_heads else f"{r}.unsqueeze({3 if stepped else 2})"), has_heads
+
+    def op_scan(self, node):
+        a, b, _ = node.inputs
+        slot = self.state_slot(node)
+        r = self.rank(node.id)
+        av = self.operand(a, r) if self.varies(a) else f"rt.along_time({self.ref(a)}, {self.ref(b)})"
+        v = self.var(node)
+        self.fwd.append(f"{v}, new_state[{slot!r}] = rt.scan({av}, {self.ref(b)}, "
+                        f"state.get({slot!r}), cu_seqlens, reference)")
+        self.fwd.append(f"{v} = {v}.to(x.dtype){self.comment(node)}")
+
+    def op_linear(self, node):
+        q, k, v, _, log_decay, _, _ = node.inputs[:7]
+        slot = self.state_slot(node)
+        vs, has_heads = self._core_v(v, False)
+        qs, ks = self._core_qk(q, node, 2), self._core_qk(k, node, 2)
+        kind = node.attr("decay_kind")
+        g = "None"
+        if kind != "none":
+            g = self.timed(log_decay, vs)
+            if not has_heads:  # [B, T] -> [B, T, 1]; [B, T, K(, V)] -> [B, T, 1, K(, V)]
+                g = f"{g}.unsqueeze(2)" if self.rank(log_decay) else f"{g}.unsqueeze(-1)"
+        out = self.var(node)
+        scale = repr(node.attr("scale"))
+        if kind == "complex_key":
+            phase = self.timed(node.inputs[7], vs)
+            if not has_heads:
+                phase = f"{phase}.unsqueeze(2)"
+            call = (f"rt.linear_complex({qs}, {ks}, {vs}, {g}, {phase}, {scale}, "
+                    f"state.get({slot!r}), cu_seqlens, reference)")
+        else:
+            call = f"rt.linear({qs}, {ks}, {vs}, {g}, {scale}, state.get({slot!r}), cu_seqlens, reference)"
+        self.fwd.append(f"{out}, new_state[{slot!r}] = {call}")
+        if not has_heads:
+            self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
+
+    def op_delta(self, node):
+        q, k, v, beta, _, log_decay, steps, _, _ = node.inputs
+        slot = self.state_slot(node)
+        stepped = self.rank(k) == self.rank(q) + 1
+        vs, has_heads = self._core_v(v, stepped)
+        qs = self._core_qk(q, node, 2)
+        ks = self._core_qk(k, node, 3 if stepped else 2)
+        bs = self.timed(beta, vs)
+        g = "None" if node.attr("decay_kind") == "none" else self.timed(log_decay, vs)
+        if not has_heads:
+            bs = f"{bs}.unsqueeze(-1)"
+            g = g if g == "None" else f"{g}.unsqueeze(-1)"
+        out = self.var(node)
+        self.fwd.append(f"{out}, new_state[{slot!r}] = rt.delta({qs}, {ks}, {vs}, {bs}, {g}, "
+                        f"{node.attr('scale')!r}, {self.const(steps)}, state.get({slot!r}), "
+                        f"cu_seqlens, reference)")
+        if not has_heads:
+            self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
+
+    def op_attention(self, node):
+        q, k, v = node.inputs[:3]
+        slot = self.state_slot(node)
+        theta = repr(float(self.const(node.inputs[5]))) if node.attr("rope") else "None"
+        out = self.var(node)
+        self.fwd.append(
+            f"{out}, new_state[{slot!r}] = rt.attention({self.ref(q)}, {self.ref(k)}, {self.ref(v)}, "
+            f"state.get({slot!r}), window={node.attr('window')!r}, scale={node.attr('scale')!r}, "
+            f"softcap={node.attr('softcap')!r}, rope_theta={theta}, cu_seqlens=cu_seqlens, "
+            f"reference=reference){self.comment(node)}")
+
+
+def _spec_ref(span, entry: str) -> str:
+    from seqdsl.ir.printer import _relative
+    return f"{_relative(span.path, entry)}:{span.line}"
+
+
+def _block_view(program: Program, name: str, graph: Graph, doc: str, spec_ref: str,
+                shared: dict[str, str]) -> ModuleView:
+    em = _GraphEmitter(graph, shared)
+    em.class_prefix = camel(name) + "Expert"
+    x_id = graph.inputs[0][1]
+    em.vars[x_id] = "x"
+    em.tv[x_id] = True
+    em.run()
+    return ModuleView(camel(name), doc, spec_ref, em.init, em.fwd, em.inits, em.states, em.extra)
+
+
+def _shared_view(program: Program) -> ModuleView | None:
+    if program.shared is None:
+        return None
+    g = program.shared
+    em = _GraphEmitter(g, {})
+    em.run()
+    outputs = ", ".join(f"{n!r}: {em.ref(nid)}" for n, nid in program.shared_outputs.items())
+    em.fwd.append(f"return {{{outputs}}}")
+    return ModuleView("SharedValues", "Cross-layer values, computed once per forward.", "",
+                      em.init, em.fwd, em.inits, [], em.extra)
+
+
+def build_view(program: Program) -> dict:
+    spec = program.spec
+    model = spec.model
+    shared = _shared_view(program)
+    blocks = []
+    class_of: dict[str, str] = {}
+    for name, inst in program.blocks.items():
+        args = ", ".join(f"{k}={v!r}" for k, v in inst.args)
+        doc = f"Block `{inst.block}`" + (f" with {args}" if args else "") + "."
+        view = _block_view(program, name, inst.graph, doc, _spec_ref(inst.span, spec.path), {})
+        blocks.append(view)
+        class_of[name] = view.class_name
+    norm = None
+    if program.final_norm is not None:
+        norm = _block_view(program, "final_norm", program.final_norm,
+                           f"The norm before the head ({program.settings.final_norm}).",
+                           _spec_ref(model.name_span, spec.path), {})
+        norm.class_name = "FinalNorm"
+    layers = [(l.index, class_of[l.instance], l.shared_group) for l in program.layers]
+    s = program.settings
+    config = [(k, type(v).__name__, _literal(v)) for k, v in spec.config.items()]
+    return {
+        "version": __version__,
+        "spec_path": _spec_ref(model.name_span, spec.path).rsplit(":", 1)[0],
+        "model_name": model.name,
+        "model_ref": _spec_ref(model.name_span, spec.path),
+        "config": config,
+        "def_overrides": {k: dict(v) for k, v in spec.def_overrides.items()},
+        "shared": shared,
+        "blocks": blocks,
+        "final_norm": norm,
+        "layers": layers,
+        "vocab": spec.config["vocab"],
+        "d": spec.config["d"],
+        "tie": s.tie_embeddings,
+        "embed_scale": repr(s.embed_scale),
+        "softcap": repr(s.logit_softcap),
+    }
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+def generate_source(program: Program) -> str:
+    """The generated module's source; parsed with ``ast`` before it is returned."""
+    source = _env().get_template("model.py.j2").render(**build_view(program))
+    ast.parse(source)
+    return source
+
+
+__all__ = ["generate_source", "Namespace", "build_view", "ConstType"]

@@ -1,0 +1,158 @@
+"""``attention``: causal softmax attention with GQA/MQA, sliding window, RoPE and soft-capping.
+
+    o_i = Σ_j softmax_j(cap(scale · q_i·k_j) + mask_ij) v_j,
+    mask_ij = 0 if i - window < j <= i else -inf,      cap(x) = c · tanh(x / c)
+
+Shapes (fla layout): ``q [B, T, H, K]``, ``k [B, T, Hkv, K]``, ``v [B, T, Hkv, V]`` with
+``H % Hkv == 0``: query head h reads key/value head ``h // (H / Hkv)``. ``window`` counts keys
+including the query's own. With ``rope_theta`` q and k are rotated first (half-rotation /
+``rotate_half`` convention of Llama in ``transformers``; positions restart per packed sequence).
+
+Strategy: blocks of queries, each against only the keys it can see (O(T · block) memory, with
+each block recomputed in the backward pass); :func:`attention_ref` loops over query positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunking import checkpointed, compute_dtype, default_scale, output_dtype
+from ._varlen import varlen_call
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------
+
+def rope_angles(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin ``[T, head_dim]`` for the half-rotation convention: frequency ``i`` (of
+    ``head_dim / 2``) is ``theta ** (-2i / head_dim)``, repeated for both halves."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype)
+                         / head_dim)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]     # [T, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)                   # [T, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, theta: float, positions: Tensor | None = None) -> Tensor:
+    """Rotate ``x [B, T, H, D]`` at ``positions [T]`` (default ``0..T-1``):
+    ``x cos + rotate_half(x) sin`` with ``rotate_half([x1, x2]) = [-x2, x1]``."""
+    T, D = x.shape[1], x.shape[-1]
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
+    cos, sin = rope_angles(positions, D, theta, x.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]                    # [T, 1, D] against [B, T, H, D]
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _prepare(q, k, v, window, scale, rope_theta):
+    B, T, H, K = q.shape
+    Hkv = k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"attention: {H} query heads are not a multiple of {Hkv} kv heads")
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window must be >= 1, got {window}")
+    dtype = compute_dtype(q, k, v)
+    out_dtype = output_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if rope_theta is not None:
+        q, k = apply_rope(q, rope_theta), apply_rope(k, rope_theta)
+    # group query heads by the kv head they read: [B, T, H, K] -> [B, Hkv, G, T, K]
+    qg = q.reshape(B, T, Hkv, H // Hkv, K).permute(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)                  # [B, Hkv, T, K|V]
+    return qg, kh, vh, out_dtype, default_scale(scale, K)
+
+
+def _finish(o: Tensor, out_dtype) -> Tensor:
+    """[B, Hkv, G, T, V] -> [B, T, H, V]."""
+    B, Hkv, G, T, V = o.shape
+    return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, V).to(out_dtype)
+
+
+def _logits(q: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """Scaled (and soft-capped) scores ``[B, Hkv, G, Tq, Tk]`` of ``q [B, Hkv, G, Tq, K]`` against
+    ``k [B, Hkv, Tk, K]``."""
+    s = (q @ k[:, :, None].mT) * scale
+    return s if softcap is None else softcap * torch.tanh(s / softcap)
+
+
+def _first_visible(i: int, window: int | None) -> int:
+    """Index of the oldest key query ``i`` sees."""
+    return 0 if window is None else max(0, i - window + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# reference and tiled forms
+# --------------------------------------------------------------------------------------------
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
+                  scale: float | None = None, softcap: float | None = None,
+                  cu_seqlens: Tensor | None = None, rope_theta: float | None = None) -> Tensor:
+    """Sequential reference of :func:`attention`: one softmax per query position."""
+    if cu_seqlens is not None:
+        return varlen_call(attention_ref, cu_seqlens, dict(q=q, k=k, v=v), window=window,
+                           scale=scale, softcap=softcap, rope_theta=rope_theta)
+    qg, kh, vh, out_dtype, scale = _prepare(q, k, v, window, scale, rope_theta)
+    outs = []
+    for i in range(qg.shape[3]):
+        lo = _first_visible(i, window)
+        p = torch.softmax(_logits(qg[:, :, :, i:i + 1], kh[:, :, lo:i + 1], scale, softcap), -1)
+        outs.append(p @ vh[:, :, None, lo:i + 1])                  # [B, Hkv, G, 1, V]
+    return _finish(torch.cat(outs, dim=3), out_dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
+              scale: float | None = None, softcap: float | None = None,
+              cu_seqlens: Tensor | None = None, rope_theta: float | None = None,
+              block_size: int = 64) -> Tensor:
+    """Causal softmax attention, computed in blocks of ``block_size`` queries.
+
+    Args:
+        q: ``[B, T, H, K]``; k: ``[B, T, Hkv, K]``; v: ``[B, T, Hkv, V]``; ``H % Hkv == 0``.
+        window: each query sees its last ``window`` keys, itself included (None: all).
+        scale: defaults to ``K ** -0.5``.
+        softcap: ``c`` for ``c · tanh(logits / c)`` (None: no capping).
+        cu_seqlens: ``[N + 1]``, sequences packed along T with batch 1.
+        rope_theta: RoPE base; None applies no rotation.
+    Returns:
+        ``o [B, T, H, V]``.
+    """
+    if cu_seqlens is not None:
+        return varlen_call(attention, cu_seqlens, dict(q=q, k=k, v=v), window=window, scale=scale,
+                           softcap=softcap, rope_theta=rope_theta, block_size=block_size)
+    qg, kh, vh, out_dtype, scale = _prepare(q, k, v, window, scale, rope_theta)
+    T = qg.shape[3]
+    outs = []
+    for start in range(0, T, block_size):
+        end = min(start + block_size, T)
+        lo = _first_visible(start, window)
+        outs.append(checkpointed(_attend_block, qg[:, :, :, start:end], kh[:, :, lo:end],
+                                 vh[:, :, lo:end], start, lo, window, scale, softcap))
+    return _finish(torch.cat(outs, dim=3), out_dtype)
+
+
+def _attend_block(q, k, v, q_start, k_start, window, scale, softcap):
+    """Queries ``q_start..`` against keys ``k_start..``: q [B, Hkv, G, Tq, K], k/v [B, Hkv, Tk, *]."""
+    qi = torch.arange(q_start, q_start + q.shape[3], device=q.device)[:, None]
+    kj = torch.arange(k_start, k_start + k.shape[2], device=q.device)[None, :]
+    hidden = kj > qi
+    if window is not None:
+        hidden = hidden | (qi - kj >= window)
+    s = _logits(q, k, scale, softcap).masked_fill(hidden, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v[:, :, None]                # [B, Hkv, G, Tq, V]
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None = None,
+                     scale: float | None = None, softcap: float | None = None) -> Tensor:
+    """One decoding step: ``q [B, H, K]`` (the newest token, already rotated if RoPE is used —
+    see :func:`apply_rope` with ``positions``) against ``k_cache [B, L, Hkv, K]`` and
+    ``v_cache [B, L, Hkv, V]`` whose last entry is the newest token. Returns ``[B, H, V]``."""
+    L = k_cache.shape[1]
+    lo = _first_visible(L - 1, window)
+    qg, kh, vh, out_dtype, scale = _prepare(q[:, None], k_cache[:, lo:], v_cache[:, lo:],
+                                            window, scale, None)
+    p = torch.softmax(_logits(qg, kh, scale, softcap), dim=-1)
+    return _finish(p @ vh[:, :, None], out_dtype)[:, 0]

@@ -1,0 +1,84 @@
+"""Complex per-key-dim decay (GateLoop), lowered onto the real ``linear`` core.
+
+    S_t = diag(a_t) S_{t-1} + k_t v_tᵀ,   a_t = exp(log_magnitude_t) · e^{i·phase_t},
+    o_t = scale · Re(S_tᵀ q_t)
+
+Shapes: ``q, k [B, T, H, K]`` (real or complex), ``v [B, T, H, V]`` real,
+``log_magnitude, phase [B, T, H, K]`` real, complex state ``S [B, H, K, V]``.
+
+Lowering (a data-dependent rotary): with the cumulative angle ``Φ_t = Σ_{r<=t} phase_r``,
+``Q_t = q_t e^{iΦ_t}`` and ``K_s = k_s e^{-iΦ_s}``, the pair term ``Re(Q_t K_s)`` equals the real
+dot product ``[Re Q_t, -Im Q_t] · [Re K_s, Im K_s]``. So the output is the real ``linear`` core on
+``2K`` key dims with log decay ``[log_magnitude, log_magnitude]``. Its state is
+``S' = [Re S̃; Im S̃]`` with ``S̃_t = e^{-iΦ_t} S_t``, which maps complex initial/final states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._chunking import compute_dtype, default_scale, output_dtype
+from ._varlen import varlen_call
+from .linear import linear, linear_ref
+
+Tensor = torch.Tensor
+
+
+def linear_complex_ref(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase: Tensor,
+                       scale: float | None = None, initial_state: Tensor | None = None,
+                       output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+    """Direct complex recurrence (the sequential :func:`linear_ref` on complex numbers)."""
+    o, S = linear_ref(q, k, v, torch.complex(log_magnitude, phase), scale=scale,
+                      initial_state=initial_state, output_final_state=output_final_state,
+                      cu_seqlens=cu_seqlens)
+    return o.real.to(_real_dtype(q, k, v)), S
+
+
+def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase: Tensor,
+                   scale: float | None = None, initial_state: Tensor | None = None,
+                   output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+                   chunk_size: int = 64):
+    """Linear attention with a complex per-key-dim decay, via the real chunked :func:`linear`.
+
+    Args:
+        q, k: ``[B, T, H, K]`` real or complex; v: ``[B, T, H, V]`` real.
+        log_magnitude: ``[B, T, H, K]``, log |a_t| (<= 0 for a contraction).
+        phase: ``[B, T, H, K]``, arg a_t in radians.
+        scale: defaults to ``K ** -0.5`` (K the complex key size).
+        initial_state: complex ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``).
+        output_final_state: also return the complex ``S_T`` (complex64).
+        cu_seqlens: ``[N + 1]``, sequences packed along T with batch 1 (Φ restarts per sequence).
+    Returns:
+        ``(o [B, T, H, V] real, final state [B, H, K, V] complex or None)``.
+    """
+    if cu_seqlens is not None:
+        return varlen_call(linear_complex, cu_seqlens,
+                           dict(q=q, k=k, v=v, log_magnitude=log_magnitude, phase=phase),
+                           scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, chunk_size=chunk_size)
+    K = q.shape[-1]
+    real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
+    cplx = compute_dtype(q.real, k.real, v, log_magnitude, phase, torch.empty(0, dtype=torch.cfloat))
+    # cumulative angle in float64, reduced mod 2π: fp32 cumsums of angles lose absolute precision
+    angle = torch.remainder(phase.double().cumsum(1), 2 * math.pi)          # Φ_t [B, T, H, K]
+    rot = torch.polar(torch.ones_like(angle), angle).to(cplx)              # e^{iΦ_t}
+    Q, Kc = q.to(cplx) * rot, k.to(cplx) * rot.conj()
+    q2 = torch.cat([Q.real, -Q.imag], dim=-1)                              # [B, T, H, 2K]
+    k2 = torch.cat([Kc.real, Kc.imag], dim=-1)                             # [B, T, H, 2K]
+    g2 = torch.cat([log_magnitude, log_magnitude], dim=-1).to(real)        # [B, T, H, 2K]
+    S0 = None
+    if initial_state is not None:
+        S0 = initial_state.to(cplx)
+        S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
+    o, S = linear(q2, k2, v.to(real), g2, scale=default_scale(scale, K), initial_state=S0,
+                  output_final_state=output_final_state, chunk_size=chunk_size)
+    if S is not None:
+        # S_T = e^{iΦ_T} (S'_re + i S'_im): [B, H, 2K, V] -> [B, H, K, V] complex
+        S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[:, -1, :, :, None]
+    return o.to(_real_dtype(q, k, v)), S
+
+
+def _real_dtype(*tensors: Tensor) -> torch.dtype:
+    return output_dtype(*(t.real if t.is_complex() else t for t in tensors))

@@ -1,0 +1,170 @@
+"""``delta``: the (gated) delta rule, and its multi-step (DeltaProduct) lowering.
+
+    S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,      o_t = scale · S_tᵀ q_t
+
+Shapes (fla layout): ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta [B, T, H]`` in (0, 1), or
+(0, 2) to allow negative eigenvalues, ``log_decay g [B, T, H]`` or None (DeltaNet), state
+``S [B, H, K, V]``. Equivalent form: ``S = e^g S;  S += β k (v - Sᵀk)ᵀ`` — one online gradient
+step on ``½‖Sᵀk - v‖²``.
+
+Parallel strategy: the chunked WY/UT form (DeltaNet paper; fla's ``naive_chunk_gated_delta_rule``).
+Multi-step transitions (``steps`` Householder factors per token) lower onto the same core over an
+interleaved sequence of length ``T · steps`` (:func:`delta_interleave`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunking import (cast, compute_dtype, cumsum_to_end, default_scale, from_chunks,
+                        output_dtype, segsum, to_chunks)
+from ._varlen import varlen_call
+
+Tensor = torch.Tensor
+
+
+def _prepare(q, k, v, beta, log_decay, initial_state, scale):
+    dtype = compute_dtype(q, k, v, beta, log_decay, initial_state)
+    out_dtype = output_dtype(q, k, v)
+    q, k, v, beta, log_decay, initial_state = (
+        cast(x, dtype) for x in (q, k, v, beta, log_decay, initial_state))
+    if log_decay is None:
+        log_decay = q.new_zeros(q.shape[:3])
+    return q, k, v, beta, log_decay, initial_state, out_dtype, default_scale(scale, q.shape[-1])
+
+
+def delta_ref(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None = None,
+              scale: float | None = None, initial_state: Tensor | None = None,
+              output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+    """Sequential reference of :func:`delta`: a loop over time on the ``[B, H, K, V]`` state."""
+    if cu_seqlens is not None:
+        return varlen_call(delta_ref, cu_seqlens,
+                           dict(q=q, k=k, v=v, beta=beta, log_decay=log_decay), scale=scale,
+                           initial_state=initial_state, output_final_state=output_final_state)
+    q, k, v, beta, g, S, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state, scale)
+    B, T, H, K = q.shape
+    if S is None:
+        S = q.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):
+        S = torch.exp(g[:, t])[..., None, None] * S
+        error = v[:, t] - (S * k[:, t, :, :, None]).sum(-2)         # v_t - S_tᵀ k_t: [B, H, V]
+        S = S + beta[:, t, :, None, None] * k[:, t, :, :, None] * error[:, :, None, :]
+        outs.append((S * q[:, t, :, :, None]).sum(-2))              # S_tᵀ q_t: [B, H, V]
+    o = torch.stack(outs, dim=1) * scale
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None = None,
+          scale: float | None = None, initial_state: Tensor | None = None,
+          output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+          chunk_size: int = 64):
+    """Chunked (WY/UT) gated delta rule.
+
+    Args:
+        q, k: ``[B, T, H, K]`` (k usually L2-normalised); v: ``[B, T, H, V]``.
+        beta: ``[B, T, H]`` in (0, 2).
+        log_decay: ``[B, T, H]`` log of the scalar gate, or None.
+        scale: defaults to ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``).
+        output_final_state: also return ``S_T`` (fp32).
+        cu_seqlens: ``[N + 1]``, sequences packed along T with batch 1.
+        chunk_size: steps per chunk.
+    Returns:
+        ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
+    """
+    if cu_seqlens is not None:
+        return varlen_call(delta, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, log_decay=log_decay),
+                           scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, chunk_size=chunk_size)
+    q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state, scale)
+    o, S = _delta_chunked(q * scale, k, v, beta, g, S0, chunk_size)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _delta_chunked(q, k, v, beta, g, S0, chunk):
+    """WY/UT chunked form. Inside a chunk write the update as ``S_t = e^{g_t} S_{t-1} + k_t u_tᵀ``
+    with ``u_t = β_t (v_t - e^{g_t} S_{t-1}ᵀ k_t)``. Unrolling from the state ``S_prev`` entering
+    the chunk (``G_i`` = log decay accumulated from the chunk start through i):
+
+        (I + A) u = β v - β e^G k S_prev,   A_ij = β_i e^{G_i - G_j} k_i·k_j  (j < i)
+     => u = U - W S_prev,  with  (I + A) [U | W] = [β v | β e^G k]    (one triangular solve)
+        o = (q ⊙ e^G) S_prev + (q kᵀ ⊙ e^{G_i - G_j})_{j<=i} u
+        S_next = e^{G_C} S_prev + (k ⊙ e^{G_C - G})ᵀ u
+
+    Everything but the chunk-to-chunk pass is batched over chunks; that pass is an affine map
+    ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a loop over chunks.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
+    bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
+    n = qc.shape[2]
+    decay = torch.exp(segsum(gc))                    # [B, H, n, C, C]: e^{G_i - G_j}, j <= i
+    G = gc.cumsum(-1)                                # [B, H, n, C]
+
+    A = (bc[..., None] * (kc @ kc.mT) * decay).tril(-1)
+    eye_c = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([vc * bc[..., None], kc * (bc * torch.exp(G))[..., None]], dim=-1)
+    UW = torch.linalg.solve_triangular(eye_c + A, rhs, upper=False, unitriangular=True)
+    U, W = UW.split([V, K], dim=-1)                  # [B, H, n, C, V], [B, H, n, C, K]
+
+    P = (qc @ kc.mT) * decay                         # intra-chunk scores, incl. the diagonal
+    q_in = qc * torch.exp(G)[..., None]
+    k_out = kc * torch.exp(cumsum_to_end(gc, -1))[..., None]
+    read = q_in - P @ W                              # o = read @ S_prev + P @ U
+    local = P @ U                                    # [B, H, n, C, V]
+    eye_k = torch.eye(K, dtype=q.dtype, device=q.device)
+    transition = torch.exp(G[..., -1])[..., None, None] * eye_k - k_out.mT @ W   # [B,H,n,K,K]
+    inject = k_out.mT @ U                                                       # [B,H,n,K,V]
+
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    S_prev = []
+    for c in range(n):
+        S_prev.append(S)
+        S = transition[:, :, c] @ S + inject[:, :, c]
+    o = local + read @ torch.stack(S_prev, dim=2)    # [B, H, n, C, V]
+    return from_chunks(o, T), S
+
+
+def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
+                     log_decay: Tensor | None = None, steps: int | None = None,
+                     scale: float | None = None, initial_state: Tensor | None = None,
+                     output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+                     chunk_size: int = 64, reference: bool = False):
+    """Multi-step delta rule (DeltaProduct) by lowering onto :func:`delta`.
+
+    Per token t, with sub-steps j = 1..steps::
+
+        S_{t,0} = exp(g_t) S_{t-1}
+        S_{t,j} = (I - β_{t,j} k_{t,j} k_{t,j}ᵀ) S_{t,j-1} + β_{t,j} k_{t,j} v_{t,j}ᵀ
+        o_t     = scale · S_{t,steps}ᵀ q_t
+
+    Args:
+        q: ``[B, T, H, K]``; k: ``[B, T, steps, H, K]``; v: ``[B, T, steps, H, V]``;
+        beta: ``[B, T, steps, H]``; log_decay: ``[B, T, H]`` or None.
+        steps: number of sub-steps (checked against ``k.shape[2]``).
+        reference: run the sequential :func:`delta_ref` instead of the chunked form.
+        Other arguments as in :func:`delta` (``cu_seqlens`` counts tokens, not sub-steps).
+    Lowering: the sub-steps become consecutive rows of a ``T·steps`` sequence; the gate sits on
+    the first sub-step of each token, q is zero except on the last, whose output is returned.
+    """
+    B, T, n, H, K = k.shape
+    if steps is not None and steps != n:
+        raise ValueError(f"delta_interleave: steps={steps} but k has {n} sub-steps")
+    V = v.shape[-1]
+    # [B, T, steps, ...] -> [B, T*steps, ...]: row t*steps + j is sub-step j of token t
+    k_seq = k.reshape(B, T * n, H, K)
+    v_seq = v.reshape(B, T * n, H, V)
+    beta_seq = beta.reshape(B, T * n, H)
+    q_seq = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2).reshape(B, T * n, H, K)
+    g_seq = None
+    if log_decay is not None:
+        g_seq = torch.cat([log_decay[:, :, None], log_decay.new_zeros(B, T, n - 1, H)], dim=2)
+        g_seq = g_seq.reshape(B, T * n, H)
+    core = delta_ref if reference else delta
+    extra = {} if reference else {"chunk_size": chunk_size}
+    o, S = core(q_seq, k_seq, v_seq, beta_seq, g_seq, scale=default_scale(scale, K),
+                initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=None if cu_seqlens is None else cu_seqlens * n, **extra)
+    return o.reshape(B, T, n, H, V)[:, :, -1], S    # read after the last sub-step

@@ -1,0 +1,231 @@
+"""``linear``: matrix-state linear attention with an optional diagonal decay.
+
+    S_t = A_t ⊙ S_{t-1} + k_t v_tᵀ,     o_t = scale · S_tᵀ q_t,     A_t = exp(log_decay_t)
+
+Shapes (fla layout): ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, state ``S [B, H, K, V]``.
+``log_decay`` (log space, <= 0 for a contraction) is one of
+
+* ``None``                 no decay (plain causal linear attention);
+* ``[B, T, H]``            one scalar per head (Mamba-2/SSD, RetNet, Lightning);
+* ``[B, T, H, K]``         one per key dim, broadcast over V (GLA, HGRN2, GateLoop after lowering);
+* ``[B, T, H, K, V]``      one per state entry (Mamba-1: k = B, v = Δ·x, q = C); size-1 dims
+  broadcast, e.g. ``[B, T, H, 1, V]``.
+
+Strategies: the chunked matmul form for the first three (intra-chunk masked ``(q kᵀ ⊙ decay) v``
+plus inter-chunk state passing), and a chunk loop with an elementwise scan inside each chunk for
+``[K, V]`` decays (never more than one chunk of ``[B, C, H, K, V]`` alive). Complex per-key decays
+are lowered onto the real form by :func:`linear_complex`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, default_scale,
+                        from_chunks, output_dtype, segsum, sub_chunk_size, to_chunks)
+from ._varlen import varlen_call
+from .scan import associative_scan
+
+Tensor = torch.Tensor
+
+
+def _prepare(q, k, v, log_decay, initial_state, scale):
+    """Cast to the accumulation dtype; return the output dtype and the resolved scale."""
+    if log_decay is not None and log_decay.ndim not in (3, 4, 5):
+        raise ValueError(f"log_decay must be [B,T,H], [B,T,H,K] or [B,T,H,K,V], got "
+                         f"{tuple(log_decay.shape)}")
+    dtype = compute_dtype(q, k, v, log_decay, initial_state)
+    out_dtype = output_dtype(q, k, v)
+    if dtype.is_complex:  # a complex decay or state makes the output complex (reference only)
+        out_dtype = torch.promote_types(out_dtype, torch.complex64)
+    q, k, v, log_decay, initial_state = (cast(x, dtype) for x in (q, k, v, log_decay, initial_state))
+    return q, k, v, log_decay, initial_state, out_dtype, default_scale(scale, q.shape[-1])
+
+
+def _full_time(log_decay: Tensor | None, like: Tensor) -> Tensor | None:
+    """Expand a broadcast time dim of a ``[K, V]`` decay (e.g. ``[1, 1, H, K, V]``) to T."""
+    if log_decay is None or log_decay.shape[1] == like.shape[1]:
+        return log_decay
+    return log_decay.expand(log_decay.shape[0], like.shape[1], *log_decay.shape[2:])
+
+
+def _as_state_decay(log_decay: Tensor | None) -> Tensor | None:
+    """Any decay kind -> [B, T, H, K or 1, V or 1], broadcastable against the state."""
+    if log_decay is None or log_decay.ndim == 5:
+        return log_decay
+    if log_decay.ndim == 3:
+        return log_decay[..., None, None]
+    return log_decay[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# sequential reference
+# --------------------------------------------------------------------------------------------
+
+def linear_ref(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
+               scale: float | None = None, initial_state: Tensor | None = None,
+               output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+    """Sequential reference of :func:`linear`: a loop over time on the ``[B, H, K, V]`` state.
+
+    Also accepts complex q, k, log_decay and initial state (the output is then complex; the
+    GateLoop reference takes its real part).
+    """
+    log_decay = _full_time(log_decay, q)
+    if cu_seqlens is not None:
+        return varlen_call(linear_ref, cu_seqlens, dict(q=q, k=k, v=v, log_decay=log_decay),
+                           scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state)
+    q, k, v, g, S, out_dtype, scale = _prepare(q, k, v, log_decay, initial_state, scale)
+    g = _as_state_decay(g)
+    B, T, H, K = q.shape
+    if S is None:
+        S = q.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):
+        if g is not None:
+            S = torch.exp(g[:, t]) * S
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]   # + k_t v_tᵀ
+        outs.append((S * q[:, t, :, :, None]).sum(-2))      # S_tᵀ q_t: [B, H, V]
+    o = torch.stack(outs, dim=1) * scale
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+# --------------------------------------------------------------------------------------------
+# chunked forms
+# --------------------------------------------------------------------------------------------
+
+def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
+           scale: float | None = None, initial_state: Tensor | None = None,
+           output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+           chunk_size: int = 64):
+    """Chunked linear attention ``S_t = exp(log_decay_t) ⊙ S_{t-1} + k_t v_tᵀ, o_t = scale·S_tᵀq_t``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        log_decay: None, ``[B, T, H]``, ``[B, T, H, K]`` or ``[B, T, H, K, V]`` (log space).
+        scale: defaults to ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``).
+        output_final_state: also return ``S_T`` (fp32).
+        cu_seqlens: ``[N + 1]``, sequences packed along T with batch 1.
+        chunk_size: steps per chunk.
+    Returns:
+        ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
+    """
+    log_decay = _full_time(log_decay, q)
+    if cu_seqlens is not None:
+        return varlen_call(linear, cu_seqlens, dict(q=q, k=k, v=v, log_decay=log_decay),
+                           scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, chunk_size=chunk_size)
+    q, k, v, g, S0, out_dtype, scale = _prepare(q, k, v, log_decay, initial_state, scale)
+    if q.is_complex():
+        raise TypeError("linear: complex inputs take linear_complex (lowered to a real form)")
+    if g is not None and g.ndim == 5:
+        o, S = _chunk_loop_state_decay(q * scale, k, v, g, S0, chunk_size)
+    else:
+        if g is None:
+            g = q.new_zeros(q.shape[:3])
+        o, S = _chunked_diagonal(q * scale, k, v, g, S0, chunk_size)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _chunked_diagonal(q, k, v, g, S0, chunk):
+    """Chunked form for a scalar ``[B, T, H]`` or per-key ``[B, T, H, K]`` log decay.
+
+    Within a chunk, with ``G_i`` the log decay accumulated from the chunk start through step i:
+      o_i = Σ_{j<=i} (q_i ⊙ e^{G_i - G_j})·k_j v_j  +  (q_i ⊙ e^{G_i}) S_prev        (intra + inter)
+      S   = e^{G_C} ⊙ S_prev + Σ_j (k_j ⊙ e^{G_C - G_j}) v_jᵀ                        (state passing)
+    Every exponent above is <= 0 for a contracting decay. The chunk-to-chunk recurrence on S is
+    itself an elementwise scan, run in parallel with :func:`associative_scan`.
+    """
+    B, T, H, K = q.shape
+    per_key = g.ndim == 4
+    qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
+    gc = to_chunks(g if per_key else g[..., None], chunk)  # [B, H, n, C, K or 1]
+
+    if per_key:
+        scores = _intra_scores_per_key(qc, kc, gc)                      # [B, H, n, C, C]
+    else:
+        scores = (qc @ kc.mT) * torch.exp(segsum(gc[..., 0]))          # [B, H, n, C, C]
+    o = scores @ vc                                                     # [B, H, n, C, V]
+
+    G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
+    q_in = qc * torch.exp(G)                              # reads the state entering the chunk
+    k_out = kc * torch.exp(cumsum_to_end(gc, 3))          # decays each write to the chunk end
+    chunk_states = k_out.mT @ vc                          # [B, H, n, K, V] writes of each chunk
+    chunk_decay = torch.exp(G[..., -1, :])[..., None]     # [B, H, n, K or 1, 1]
+
+    # S_c = chunk_decay_c ⊙ S_{c-1} + chunk_states_c over the n chunks (chunk axis as time)
+    states = associative_scan(chunk_decay.movedim(2, 1), chunk_states.movedim(2, 1), S0)
+    S_start = torch.zeros_like(states[:, :1]) if S0 is None else S0[:, None]
+    S_prev = torch.cat([S_start, states[:, :-1]], dim=1).movedim(1, 2)  # [B, H, n, K, V]
+
+    o = o + q_in @ S_prev
+    return from_chunks(o, T), states[:, -1]
+
+
+def _intra_scores_per_key(q, k, g):
+    """Intra-chunk scores ``A[i, j] = Σ_d q_id k_jd e^{G_id - G_jd}`` (j <= i) for per-key decays,
+    without the ``exp`` of a large positive number that ``(q e^G)(k e^{-G})ᵀ`` needs.
+
+    The chunk ``[..., C, K]`` is split into ``m`` sub-chunks of ``c`` steps, with ``L`` the log
+    decay accumulated inside a sub-chunk and ``Tot`` a sub-chunk's total. Inside one sub-chunk,
+    column j of the scores takes j itself as the reference point: ``e^{L_i - L_j} <= 1`` for the
+    rows ``i >= j`` it needs (one ``[..., m, c - j, K]`` product per column, never a
+    ``[c, c, K]`` tensor). For a key in sub-chunk r before the query's sub-chunk s the decay
+    factors through the sub-chunk boundaries into three factors <= 1:
+      e^{G_i - G_j} = e^{L_i} · Π_{r<u<s} e^{Tot_u} · e^{Tot_r - L_j}
+    """
+    *lead, C, K = q.shape
+    c = sub_chunk_size(C)
+    m = C // c
+    qs, ks, gs = (x.reshape(*lead, m, c, K) for x in (q, k, g))   # [..., m, c, K]
+    L = gs.cumsum(-2)                                             # [..., m, c, K]
+
+    # pairs within one sub-chunk, column by column
+    columns = []
+    for j in range(c):
+        decay = torch.exp(L[..., j:, :] - L[..., j:j + 1, :])           # [..., m, c - j, K]
+        col = (qs[..., j:, :] * decay) @ ks[..., j, :, None]            # [..., m, c - j, 1]
+        columns.append(F.pad(col[..., 0], (j, 0)))                      # zeros above the diagonal
+    diag = torch.stack(columns, dim=-1)                                 # [..., m, c(i), c(j)]
+
+    # pairs across sub-chunks: decay factored through the boundaries
+    total = L[..., -1, :]                                   # [..., m, K]
+    q_dec = qs * torch.exp(L)                               # sub-chunk start -> i
+    k_dec = ks * torch.exp(total[..., None, :] - L)         # j -> sub-chunk end
+    seg = segsum(total.transpose(-1, -2))                   # [..., K, m, m], Σ_{r<u<=s}
+    # Σ_{r<u<s}: row s of the exclusive matrix is row s-1 of the inclusive one
+    seg = F.pad(seg, (0, 0, 1, 0), value=-math.inf)[..., :m, :]
+    between = torch.exp(seg).movedim(-3, -1)                # [..., m(s), m(r), K]
+    x = q_dec[..., :, None, :, :] * between[..., :, :, None, :]          # [..., s, r, c(i), K]
+    cross = (x @ k_dec[..., None, :, :, :].mT).transpose(-3, -2)         # [..., s, c(i), r, c(j)]
+
+    eye = torch.eye(m, dtype=q.dtype, device=q.device)
+    scores = cross + diag[..., :, :, None, :] * eye[:, None, :, None]    # [..., m, c, m, c]
+    return scores.reshape(*lead, C, C)
+
+
+def _chunk_loop_state_decay(q, k, v, g, S0, chunk):
+    """[K, V] decays: loop over chunks keeping only the state; inside a chunk an elementwise
+    :func:`associative_scan` over ``[B, C, H, K, V]``. With autograd each chunk is recomputed in
+    the backward pass, so no ``[B, T, H, K, V]`` tensor is ever stored."""
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if S0 is None else S0
+    outs = []
+    for t0 in range(0, T, chunk):
+        part = slice(t0, t0 + chunk)
+        o, S = checkpointed(_state_decay_chunk, q[:, part], k[:, part], v[:, part], g[:, part], S)
+        outs.append(o)
+    return torch.cat(outs, dim=1), S
+
+
+def _state_decay_chunk(q, k, v, g, S):
+    """One chunk of the [K, V]-decay recurrence: q, k [B, c, H, K], v [B, c, H, V],
+    g [B, c, H, K|1, V|1], S [B, H, K, V] -> (o [B, c, H, V], S at the chunk end)."""
+    writes = k[..., :, None] * v[..., None, :]           # k_t v_tᵀ: [B, c, H, K, V]
+    states = associative_scan(torch.exp(g), writes, S)   # [B, c, H, K, V]
+    o = (states * q[..., :, None]).sum(-2)               # S_tᵀ q_t: [B, c, H, V]
+    return o, states[:, -1]

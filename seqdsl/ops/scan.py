@@ -1,0 +1,90 @@
+"""``scan``: the elementwise (diagonal) linear recurrence over a vector state.
+
+    h_t = a_t ⊙ h_{t-1} + b_t,        h_0 = initial_state (zero if None)
+
+Shapes: ``b [B, T, *S]``; ``a`` has the same number of dims, each equal or 1 (a per-channel
+gate ``[B, T, D]``, a gate shared over a trailing dim ``[B, T, H, 1]``, ...); real or complex.
+Output ``h [B, T, *S]`` in the input dtype, final state ``[B, *S]`` in fp32 / complex64 (fp64 /
+complex128 for double inputs). Used by HGRN, RG-LRU, minGRU/minLSTM, LRU (complex) — and inside
+the ``linear`` core for the state passing between chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunking import cast, compute_dtype, output_dtype
+from ._varlen import varlen_call
+
+Tensor = torch.Tensor
+
+
+def associative_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) -> Tensor:
+    """All prefixes ``h_t`` of ``h_t = a_t h_{t-1} + b_t`` along dim 1, by recursive doubling.
+
+    Each element ``(a_t, b_t)`` is the affine map ``h -> a_t h + b_t``. After the round with
+    offset ``d``, element ``t`` is the composition of the maps at ``(t - 2d, t]`` (clipped at 0):
+    ``(a_t, b_t) ∘ (a_{t-d}, b_{t-d}) = (a_t a_{t-d}, a_t b_{t-d} + b_t)``. ``ceil(log2 T)``
+    rounds of elementwise products; no division, so it is exact for ``a`` of any magnitude
+    (including 0). ``a`` may broadcast against ``b`` in every dim but 1 (time).
+    """
+    if initial_state is not None:
+        # fold h_0 into the first input: h_1 = a_1 h_0 + b_1
+        first = a[:, :1] * initial_state.unsqueeze(1) + b[:, :1]
+        b = torch.cat([first, b[:, 1:]], dim=1)
+    T = b.shape[1]
+    d = 1
+    while d < T:
+        b = torch.cat([b[:, :d], a[:, d:] * b[:, :-d] + b[:, d:]], dim=1)
+        if 2 * d < T:  # the last round needs no products of a
+            a = torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], dim=1)
+        d *= 2
+    return b
+
+
+def _prepare(a: Tensor, b: Tensor, initial_state: Tensor | None):
+    if a.ndim != b.ndim:
+        raise ValueError(f"scan: a {tuple(a.shape)} and b {tuple(b.shape)} need the same rank")
+    torch.broadcast_shapes(a.shape, b.shape)  # raises if not broadcastable
+    a = a.expand(*a.shape[:1], b.shape[1], *a.shape[2:])  # time must not broadcast
+    dtype = compute_dtype(a, b, initial_state)
+    return a.to(dtype), b.to(dtype), cast(initial_state, dtype), output_dtype(a, b)
+
+
+def scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
+         output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+    """Parallel elementwise linear recurrence ``h_t = a_t ⊙ h_{t-1} + b_t``.
+
+    Args:
+        a: multipliers ``[B, T, *S]`` (dims may be 1 except time), real or complex.
+        b: inputs ``[B, T, *S]``.
+        initial_state: ``[B, *S]`` (``[N, *S]`` with ``cu_seqlens``); gradients flow into it.
+        output_final_state: also return ``h_T``.
+        cu_seqlens: ``[N + 1]`` cumulative lengths of sequences packed along T (batch 1).
+    Returns:
+        ``(h [B, T, *S], final [B, *S] or None)``.
+    """
+    if cu_seqlens is not None:
+        a = a.expand(*a.shape[:1], b.shape[1], *a.shape[2:])
+        return varlen_call(scan, cu_seqlens, {"a": a, "b": b}, {"a": 1.0},
+                           initial_state=initial_state, output_final_state=output_final_state)
+    a, b, h0, out_dtype = _prepare(a, b, initial_state)
+    h = associative_scan(a, b, h0)
+    return h.to(out_dtype), (h[:, -1] if output_final_state else None)
+
+
+def scan_ref(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
+             output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+    """Sequential reference of :func:`scan` (same arguments): a plain loop over time."""
+    if cu_seqlens is not None:
+        a = a.expand(*a.shape[:1], b.shape[1], *a.shape[2:])
+        return varlen_call(scan_ref, cu_seqlens, {"a": a, "b": b}, {"a": 1.0},
+                           initial_state=initial_state, output_final_state=output_final_state)
+    a, b, h, out_dtype = _prepare(a, b, initial_state)
+    if h is None:
+        h = torch.zeros_like(b[:, 0])
+    hs = []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, dim=1).to(out_dtype), (h if output_final_state else None)

@@ -1,0 +1,320 @@
+"""Building blocks the generated PyTorch modules import (``from seqdsl import runtime as rt``).
+
+Generated code stays a readable straight-line transcription of the IR; what would otherwise be
+repeated in every generated file lives here once: norms, the stateful short convolution, block-
+diagonal projections, the named init rules, top-k routing, attention with a KV cache, and token
+sampling. Time-mixing cores come from :mod:`seqdsl.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqdsl import ops
+
+# ---- per-token layers -------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) over the last dim, times a learnable scale of the last dim's size."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, weight: bool = True, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.dim,),
+                            None if self.weight is None else self.weight.float(),
+                            None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Normalise each head (the last dim) on its own; the scale covers every per-token dim."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float = 1e-5, weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(shape)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        mean = xf.mean(-1, keepdim=True)
+        var = xf.var(-1, keepdim=True, unbiased=False)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class GroupedLinear(nn.Module):
+    """A block-diagonal projection: ``groups`` independent blocks of in/groups -> out/groups."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = False):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups, in_features // groups, out_features // groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        bound = 1 / math.sqrt(in_features // groups)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xg = x.unflatten(-1, (self.groups, -1))                       # [..., groups, in/groups]
+        y = torch.einsum("...gi,gio->...go", xg, self.weight).flatten(-2)  # [..., out]
+        return y if self.bias is None else y + self.bias
+
+
+class CausalConv1d(nn.Module):
+    """Short causal depthwise convolution over time on [B, T, C]; carries the last width-1 inputs."""
+
+    def __init__(self, channels: int, width: int, bias: bool = True):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
+        # x: [B, T, C]; tail: [B, width - 1, C] (the previous inputs) or None (zeros)
+        if cu_seqlens is not None:
+            return _per_sequence(lambda xs, ts: self.forward(xs, ts), x, tail, cu_seqlens)
+        B, T, C = x.shape
+        if tail is None:
+            tail = x.new_zeros(B, self.width - 1, C)
+        xp = torch.cat([tail.to(x.dtype), x], dim=1)                  # [B, width - 1 + T, C]
+        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype),
+                     None if self.bias is None else self.bias.to(x.dtype), groups=C)
+        return y.transpose(1, 2), xp[:, xp.shape[1] - (self.width - 1):]
+
+
+def _per_sequence(fn, x, state, cu_seqlens):
+    """Run fn(x_i, state_i) -> (y_i, state_i') on each packed sequence; stack the states."""
+    ys, states = [], []
+    bounds = cu_seqlens.tolist()
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        y, s = fn(x[:, a:b], None if state is None else state[i:i + 1])
+        ys.append(y)
+        states.append(s)
+    return torch.cat(ys, dim=1), torch.cat(states, dim=0)
+
+
+# ---- helpers for the generated forward ---------------------------------------------------------
+
+
+def lift(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Insert singleton per-token dims after [B, T] so a [B, T, *S] tensor has ``rank`` of them."""
+    missing = rank - (x.dim() - 2)
+    if missing <= 0:
+        return x
+    return x.reshape(x.shape[:2] + (1,) * missing + x.shape[2:])
+
+
+def along_time(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A time-invariant value (a parameter, a constant) broadcast to [B, T, *shape]."""
+    return x.expand(like.shape[:2] + tuple(x.shape))
+
+
+def repeat_heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """Repeat each of x's heads (along ``dim``) so there are ``heads``: grouped / shared q, k."""
+    n = x.shape[dim]
+    return x if n == heads else x.repeat_interleave(heads // n, dim=dim)
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool = True) -> torch.Tensor:
+    """Top-k routing weights, zero outside the k largest logits: a softmax over those k
+    (normalize, as Mixtral), or the softmax over all experts kept at the top k (Switch, Jamba)."""
+    top, idx = logits.float().topk(top_k, dim=-1)
+    kept = top.softmax(-1) if normalize else logits.float().softmax(-1).gather(-1, idx)
+    weights = torch.zeros_like(logits, dtype=torch.float32)
+    weights.scatter_(-1, idx, kept)
+    return weights.to(logits.dtype)
+
+
+def mixture(weights: torch.Tensor, experts: nn.ModuleList, *inputs: torch.Tensor) -> torch.Tensor:
+    """sum_e weights[..., e] * experts[e](*inputs), evaluating each expert on its tokens only."""
+    flat_w = weights.reshape(-1, weights.shape[-1])                   # [N, E]
+    flat_in = [i.reshape((-1,) + i.shape[2:]) for i in inputs]        # [N, *S]
+    out = None
+    for e, expert in enumerate(experts):
+        rows = (flat_w[:, e] != 0).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        y = expert(*(i[rows] for i in flat_in))
+        if out is None:
+            out = y.new_zeros((flat_w.shape[0],) + y.shape[1:])
+        out.index_add_(0, rows, y * flat_w[rows, e].reshape((-1,) + (1,) * (y.dim() - 1)).to(y.dtype))
+    if out is None:  # no token routed anywhere (cannot happen with top_k >= 1)
+        raise RuntimeError("mixture: no expert selected")
+    return out.reshape(weights.shape[:2] + out.shape[1:])
+
+
+# ---- cores ------------------------------------------------------------------------------------
+
+
+def scan(a, b, state, cu_seqlens, reference):
+    fn = ops.scan_ref if reference else ops.scan
+    return fn(a, b, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def linear(q, k, v, log_decay, scale, state, cu_seqlens, reference):
+    fn = ops.linear_ref if reference else ops.linear
+    return fn(q, k, v, log_decay=log_decay, scale=scale, initial_state=state,
+              output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, reference):
+    fn = ops.linear_complex_ref if reference else ops.linear_complex
+    return fn(q, k, v, log_magnitude, phase, scale=scale, initial_state=state,
+              output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, reference):
+    if k.dim() == q.dim() + 1:  # [B, T, steps, H, K]: Householder sub-steps per token
+        return ops.delta_interleave(q, k, v, beta, log_decay, steps=steps, scale=scale,
+                                    initial_state=state, output_final_state=True,
+                                    cu_seqlens=cu_seqlens, reference=reference)
+    fn = ops.delta_ref if reference else ops.delta
+    return fn(q, k, v, beta, log_decay=log_decay, scale=scale, initial_state=state,
+              output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    # angles in float32 whatever the activation dtype: bf16 cannot count positions past 256
+    return ops.apply_rope(x.float(), theta, positions).to(x.dtype)
+
+
+def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, reference):
+    """Causal (windowed, GQA) attention that appends to a KV cache.
+
+    cache: None or (k [B, L, Hkv, K], v [B, L, Hkv, V], seen) with keys already rotated; the
+    returned cache keeps the last ``window - 1`` entries for a windowed layer, everything otherwise.
+    """
+    seen = 0 if cache is None else cache[2]
+    T = q.shape[1]
+    if rope_theta is not None:
+        if cu_seqlens is not None:
+            pos = torch.cat([torch.arange(b - a, device=q.device) for a, b in
+                             zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())])
+        else:
+            pos = torch.arange(seen, seen + T, device=q.device)
+        q, k = _rope(q, pos, rope_theta), _rope(k, pos, rope_theta)
+    if cache is None and cu_seqlens is None:
+        fn = ops.attention_ref if reference else ops.attention
+        o = fn(q, k, v, window=window, scale=scale, softcap=softcap)
+        k_all, v_all = k, v
+    elif cu_seqlens is not None:
+        fn = ops.attention_ref if reference else ops.attention
+        o = fn(q, k, v, window=window, scale=scale, softcap=softcap, cu_seqlens=cu_seqlens)
+        k_all, v_all = k, v
+    else:
+        k_all = torch.cat([cache[0], k], dim=1)
+        v_all = torch.cat([cache[1], v], dim=1)
+        o = _attend_with_offset(q, k_all, v_all, window, scale, softcap)
+    keep = k_all.shape[1] if window is None else min(k_all.shape[1], window - 1)
+    new_cache = (k_all[:, k_all.shape[1] - keep:], v_all[:, v_all.shape[1] - keep:], seen + T)
+    return o, new_cache
+
+
+def _attend_with_offset(q, k, v, window, scale, softcap):
+    """Queries are the last T positions of the L keys (a continuation after a cache)."""
+    B, T, H, K = q.shape
+    L, Hkv = k.shape[1], k.shape[2]
+    scale = K ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bthk,blhk->bhtl", q.float(), k.float()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    qpos = torch.arange(L - T, L, device=q.device)[:, None]
+    kpos = torch.arange(L, device=q.device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    scores = scores.masked_fill(~mask, float("-inf"))
+    o = torch.einsum("bhtl,blhv->bthv", scores.softmax(-1), v.float())
+    return o.to(q.dtype)
+
+
+# ---- init rules ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_(tensor: torch.Tensor, rule: str, **args) -> torch.Tensor:
+    """Apply a named init rule (the table is seqdsl.ir.builtins.INIT_RULES)."""
+    t = tensor
+    if rule == "zeros":
+        return t.zero_()
+    if rule == "ones":
+        return t.fill_(1.0)
+    if rule == "constant":
+        return t.fill_(args["value"])
+    if rule == "normal":
+        return t.normal_(0.0, args["std"])
+    if rule == "uniform":
+        return t.uniform_(args["low"], args["high"])
+    if rule == "xavier":
+        return nn.init.xavier_uniform_(t, gain=args["gain"]) if t.dim() >= 2 else \
+            t.uniform_(-args["gain"], args["gain"])
+    if rule == "default":
+        return t
+    rows = t.shape[0] if t.dim() else 1
+    if rule == "log_arange":  # log(low..high) along the first dim
+        values = torch.linspace(args["low"], args["high"], rows, dtype=torch.float64).log()
+        return t.copy_(values.reshape((rows,) + (1,) * (t.dim() - 1)).expand_as(t))
+    if rule == "log_uniform":
+        return t.copy_(torch.empty_like(t, dtype=torch.float64).uniform_(args["low"], args["high"]).log())
+    if rule == "inv_softplus_log_uniform":
+        u = torch.rand_like(t, dtype=torch.float64)
+        dt = torch.exp(u * (math.log(args["high"]) - math.log(args["low"])) + math.log(args["low"]))
+        dt = dt.clamp(min=args["floor"])
+        return t.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+    if rule == "logit_pow_uniform":  # sigmoid(z)^power ~ U(low, high)
+        a = torch.empty_like(t, dtype=torch.float64).uniform_(args["low"], args["high"])
+        s = a ** (1.0 / args["power"])
+        return t.copy_(torch.log(s) - torch.log1p(-s))
+    if rule == "decay_range":  # log(1 - 2^-(low..high)) along the first dim
+        exps = torch.linspace(args["low"], args["high"], rows, dtype=torch.float64)
+        values = torch.log1p(-(2.0 ** (-exps)))
+        return t.copy_(values.reshape((rows,) + (1,) * (t.dim() - 1)).expand_as(t))
+    raise ValueError(f"unknown init rule {rule!r}")
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

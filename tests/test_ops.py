@@ -1,0 +1,594 @@
+"""Numerics of the cores in seqdsl.ops.
+
+For every core: the fast (chunked / parallel) form against the sequential reference, both against
+a float64 golden (the reference run in float64), and both against the independent pure-PyTorch
+references of flash-linear-attention (a test-only dependency, skipped when missing). Invariances:
+T = 1, T not a multiple of the chunk, every chunk size agreeing, initial and final states, packed
+``cu_seqlens`` equal to a loop over sequences, gradients (initial state included), low precision.
+Sizes stay tiny (B <= 2, T <= 100, H <= 4, K, V <= 16) so the file runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqdsl import ops
+from seqdsl.ops.tolerances import TOLERANCES, assert_close, errors
+
+FP32, FP64 = torch.float32, torch.float64
+B, H, K, V = 2, 2, 8, 6
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed, dtype=FP32):
+    return torch.randn(*shape, generator=_gen(seed), dtype=dtype)
+
+
+def _widen(x):
+    """float -> float64, complex -> complex128; anything else unchanged."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_complex():
+        return x.to(torch.complex128)
+    return x.to(FP64) if x.is_floating_point() else x
+
+
+def _cast(inputs: dict, fn=_widen) -> dict:
+    return {name: fn(x) for name, x in inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the cores as uniform test cases: make(T, seed) -> (sequence inputs, initial state, options)
+# ---------------------------------------------------------------------------------------------
+
+def _qkv(T, seed, K=K, V=V, H=H, B=B):
+    return dict(q=_randn(B, T, H, K, seed=seed), k=_randn(B, T, H, K, seed=seed + 1),
+                v=_randn(B, T, H, V, seed=seed + 2))
+
+
+def _log_gate(*shape, seed):
+    """Typical log-space gates: logsigmoid of a shifted normal (decays from ~0.3 to ~1)."""
+    return F.logsigmoid(_randn(*shape, seed=seed) + 2.0)
+
+
+def make_scan(T, seed, complex_=False):
+    if complex_:
+        mag = torch.sigmoid(_randn(B, T, 12, seed=seed) + 2)
+        a = torch.polar(mag, _randn(B, T, 12, seed=seed + 1))
+        b = torch.complex(_randn(B, T, 12, seed=seed + 2), _randn(B, T, 12, seed=seed + 3))
+        h0 = torch.complex(_randn(B, 12, seed=seed + 4), _randn(B, 12, seed=seed + 5))
+    else:
+        a = torch.sigmoid(_randn(B, T, 12, seed=seed) + 2)
+        b, h0 = _randn(B, T, 12, seed=seed + 2), _randn(B, 12, seed=seed + 4)
+    return dict(a=a, b=b), h0, {}
+
+
+def make_linear(T, seed, decay):
+    x = _qkv(T, seed)
+    shapes = {"none": None, "scalar": (B, T, H), "key": (B, T, H, K), "key_value": (B, T, H, K, V)}
+    x["log_decay"] = None if shapes[decay] is None else _log_gate(*shapes[decay], seed=seed + 3)
+    return x, _randn(B, H, K, V, seed=seed + 4), {}
+
+
+def make_complex(T, seed, complex_qk=False):
+    x = _qkv(T, seed)
+    if complex_qk:
+        x["q"] = torch.complex(x["q"], _randn(B, T, H, K, seed=seed + 5))
+        x["k"] = torch.complex(x["k"], _randn(B, T, H, K, seed=seed + 6))
+    x["log_magnitude"] = _log_gate(B, T, H, K, seed=seed + 3)
+    x["phase"] = math.pi * _randn(B, T, H, K, seed=seed + 4)
+    h0 = torch.complex(_randn(B, H, K, V, seed=seed + 7), _randn(B, H, K, V, seed=seed + 8))
+    return x, h0, {}
+
+
+def make_delta(T, seed, gated):
+    x = _qkv(T, seed)
+    x["k"] = F.normalize(x["k"], dim=-1)
+    x["beta"] = 2 * torch.sigmoid(_randn(B, T, H, seed=seed + 3))  # (0, 2): negative eigenvalues
+    x["log_decay"] = _log_gate(B, T, H, seed=seed + 4) if gated else None
+    return x, _randn(B, H, K, V, seed=seed + 5), {}
+
+
+def make_product(T, seed, steps):
+    x = dict(q=_randn(B, T, H, K, seed=seed),
+             k=F.normalize(_randn(B, T, steps, H, K, seed=seed + 1), dim=-1),
+             v=_randn(B, T, steps, H, V, seed=seed + 2),
+             beta=2 * torch.sigmoid(_randn(B, T, steps, H, seed=seed + 3)),
+             log_decay=_log_gate(B, T, H, seed=seed + 4))
+    return x, _randn(B, H, K, V, seed=seed + 5), {"steps": steps}
+
+
+def make_attention(T, seed, heads=3, kv_heads=1, **options):
+    x = dict(q=_randn(B, T, heads, K, seed=seed), k=_randn(B, T, kv_heads, K, seed=seed + 1),
+             v=_randn(B, T, kv_heads, V, seed=seed + 2))
+    return x, None, options
+
+
+def _attention_fast(initial_state=None, output_final_state=False, chunk_size=64, **kw):
+    return ops.attention(block_size=chunk_size, **kw), None
+
+
+def _attention_ref(initial_state=None, output_final_state=False, **kw):
+    return ops.attention_ref(**kw), None
+
+
+def _product_ref(**kw):
+    return ops.delta_interleave(reference=True, **kw)
+
+
+@dataclass
+class Case:
+    fast: Callable
+    ref: Callable
+    make: Callable
+    chunked: bool = True            # the fast form takes chunk_size
+    kwargs: dict = field(default_factory=dict)
+
+
+CASES = {
+    "scan": Case(ops.scan, ops.scan_ref, make_scan, chunked=False),
+    "scan_complex": Case(ops.scan, ops.scan_ref, make_scan, chunked=False,
+                         kwargs={"complex_": True}),
+    "linear_none": Case(ops.linear, ops.linear_ref, make_linear, kwargs={"decay": "none"}),
+    "linear_scalar": Case(ops.linear, ops.linear_ref, make_linear, kwargs={"decay": "scalar"}),
+    "linear_key": Case(ops.linear, ops.linear_ref, make_linear, kwargs={"decay": "key"}),
+    "linear_key_value": Case(ops.linear, ops.linear_ref, make_linear,
+                             kwargs={"decay": "key_value"}),
+    "linear_complex": Case(ops.linear_complex, ops.linear_complex_ref, make_complex),
+    "linear_complex_qk": Case(ops.linear_complex, ops.linear_complex_ref, make_complex,
+                              kwargs={"complex_qk": True}),
+    "delta": Case(ops.delta, ops.delta_ref, make_delta, kwargs={"gated": False}),
+    "delta_gated": Case(ops.delta, ops.delta_ref, make_delta, kwargs={"gated": True}),
+    "delta_steps2": Case(ops.delta_interleave, _product_ref, make_product, kwargs={"steps": 2}),
+    "delta_steps3": Case(ops.delta_interleave, _product_ref, make_product, kwargs={"steps": 3}),
+    "attention_mqa": Case(_attention_fast, _attention_ref, make_attention),
+    "attention_gqa_window_rope_cap": Case(
+        _attention_fast, _attention_ref, make_attention,
+        kwargs=dict(heads=4, kv_heads=2, window=7, rope_theta=500.0, softcap=3.0)),
+}
+CHUNKED = [name for name, case in CASES.items() if case.chunked]
+
+
+def _run(case: Case, fn: Callable, inputs: dict, h0, options: dict, chunk=None, **kw):
+    extra = {} if chunk is None or not case.chunked or fn is case.ref else {"chunk_size": chunk}
+    return fn(**inputs, initial_state=h0, output_final_state=h0 is not None, **options, **extra,
+              **kw)
+
+
+def _build(name, T, seed=0):
+    case = CASES[name]
+    inputs, h0, options = case.make(T, seed, **case.kwargs)
+    return case, inputs, h0, options
+
+
+# ---------------------------------------------------------------------------------------------
+# fast vs reference vs float64 golden
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 37, 100])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_matches_reference_and_golden(name, T):
+    case, inputs, h0, options = _build(name, T)
+    o, S = _run(case, case.fast, inputs, h0, options, chunk=16)
+    o_ref, S_ref = _run(case, case.ref, inputs, h0, options)
+    o_gold, S_gold = _run(case, case.ref, _cast(inputs), _widen(h0), options)
+    o64, S64 = _run(case, case.fast, _cast(inputs), _widen(h0), options, chunk=16)
+    assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
+    assert_close(o, o_ref, FP32, f"{name} fast vs reference")
+    assert_close(o, o_gold, FP32, f"{name} fast vs golden")
+    assert_close(o_ref, o_gold, FP32, f"{name} reference vs golden")
+    assert_close(o64, o_gold, FP64, f"{name} fast in float64 vs golden")
+    if h0 is not None:
+        assert S.dtype in (torch.float32, torch.complex64), "final state accumulates in fp32"
+        assert_close(S, S_gold, FP32, f"{name} final state vs golden")
+        assert_close(S_ref, S_gold, FP32, f"{name} reference final state vs golden")
+        assert_close(S64, S_gold, FP64, f"{name} final state in float64 vs golden")
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_every_chunk_size_agrees(name):
+    case, inputs, h0, options = _build(name, 100, seed=1)
+    o_gold, S_gold = _run(case, case.ref, _cast(inputs), _widen(h0), options)
+    for chunk in (8, 16, 32, 64, 128):
+        o, S = _run(case, case.fast, inputs, h0, options, chunk=chunk)
+        assert_close(o, o_gold, FP32, f"{name} chunk {chunk}")
+        if S is not None:
+            assert_close(S, S_gold, FP32, f"{name} chunk {chunk} final state")
+
+
+def test_no_initial_state_and_no_final_state():
+    x, _, _ = make_linear(20, 0, "key")
+    o, S = ops.linear(**x)
+    o_ref, _ = ops.linear_ref(**x)
+    assert S is None
+    assert_close(o, o_ref, FP32, "linear without states")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunk_by_chunk_with_carried_state_equals_full(name):
+    case, inputs, h0, options = _build(name, 60, seed=2)
+    if h0 is None:
+        pytest.skip("stateless core")
+    o_full, S_full = _run(case, case.fast, inputs, h0, options, chunk=16)
+    first = {n: x[:, :25] if isinstance(x, torch.Tensor) else x for n, x in inputs.items()}
+    second = {n: x[:, 25:] if isinstance(x, torch.Tensor) else x for n, x in inputs.items()}
+    o1, S1 = _run(case, case.fast, first, h0, options, chunk=16)
+    o2, S2 = _run(case, case.fast, second, S1, options, chunk=16)
+    assert_close(torch.cat([o1, o2], dim=1), o_full, FP32, f"{name} split in two")
+    assert_close(S2, S_full, FP32, f"{name} split in two, final state")
+
+
+# ---------------------------------------------------------------------------------------------
+# packed variable-length sequences
+# ---------------------------------------------------------------------------------------------
+
+LENGTHS = (13, 1, 37, 29)
+
+
+def _pack(inputs: dict, lengths) -> dict:
+    """Batch row i, first lengths[i] steps -> one packed batch-1 sequence."""
+    return {n: torch.cat([x[i:i + 1, :L] for i, L in enumerate(lengths)], dim=1)
+            if isinstance(x, torch.Tensor) else x for n, x in inputs.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cu_seqlens_equals_loop_over_sequences(name):
+    case = CASES[name]
+    N = len(LENGTHS)
+    per_seq = [case.make(max(LENGTHS), seed=10 + i, **case.kwargs) for i in range(N)]
+    options = per_seq[0][2]
+    # row 0 of each draw: [N, max(LENGTHS), ...] and initial states [N, ...]
+    batched = {n: torch.cat([s[0][n][:1] for s in per_seq], dim=0) if per_seq[0][0][n] is not None
+               else None for n in per_seq[0][0]}
+    h0 = None if per_seq[0][1] is None else torch.cat([s[1][:1] for s in per_seq], dim=0)
+    packed = _pack(batched, LENGTHS)
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])
+    for fn in (case.fast, case.ref):
+        o, S = _run(case, fn, packed, h0, options, chunk=16, cu_seqlens=cu)
+        outs, finals = [], []
+        for i, L in enumerate(LENGTHS):
+            one = {n: x[i:i + 1, :L] if isinstance(x, torch.Tensor) else x
+                   for n, x in batched.items()}
+            o_i, S_i = _run(case, fn, one, None if h0 is None else h0[i:i + 1], options, chunk=16)
+            outs.append(o_i)
+            finals.append(S_i)
+        assert_close(o, torch.cat(outs, dim=1), FP32, f"{name} packed vs loop")
+        if h0 is not None:
+            assert S.shape[0] == N
+            assert_close(S, torch.cat(finals), FP32, f"{name} packed final states vs loop")
+
+
+def test_cu_seqlens_with_an_empty_sequence_keeps_its_initial_state():
+    x, h0, _ = make_delta(20, 0, gated=True)
+    one = {n: v[:1] for n, v in x.items()}
+    cu = torch.tensor([0, 8, 8, 20])
+    h0 = _randn(3, H, K, V, seed=9)
+    o, S = ops.delta(**one, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert o.shape == one["v"].shape
+    assert torch.equal(S[1], h0[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients (non-trivial loss on outputs and final state; initial state included)
+# ---------------------------------------------------------------------------------------------
+
+def _weighted_sum(x: torch.Tensor, seed: int) -> torch.Tensor:
+    x = torch.view_as_real(x) if x.is_complex() else x
+    return (x * _randn(*x.shape, seed=seed).to(x.dtype)).sum()  # same weights in every dtype
+
+
+def _grads(case, fn, inputs, h0, options, chunk=None):
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()
+              if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())}
+    args = {**inputs, **leaves}
+    state = None if h0 is None else h0.clone().requires_grad_(True)
+    o, S = _run(case, fn, args, state, options, chunk=chunk)
+    loss = _weighted_sum(o, 100) + (0 if S is None else _weighted_sum(S, 101))
+    wrt = [*leaves.values()] + ([] if state is None else [state])
+    names = [*leaves] + ([] if state is None else ["initial_state"])
+    return dict(zip(names, torch.autograd.grad(loss, wrt)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_match_reference(name):
+    case, inputs, h0, options = _build(name, 45, seed=3)
+    fast = _grads(case, case.fast, inputs, h0, options, chunk=16)
+    ref = _grads(case, case.ref, inputs, h0, options)
+    gold = _grads(case, case.ref, _cast(inputs), _widen(h0), options)
+    if h0 is not None:
+        assert "initial_state" in fast
+    for n in gold:
+        assert_close(fast[n], ref[n], FP32, f"{name} d/d{n} fast vs reference")
+        assert_close(fast[n], gold[n], FP32, f"{name} d/d{n} fast vs golden")
+
+
+# ---------------------------------------------------------------------------------------------
+# low precision: fp32 accumulation, outputs in the input dtype
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["scan", "linear_key", "linear_scalar", "delta_gated",
+                                  "linear_complex", "attention_gqa_window_rope_cap"])
+def test_low_precision_inputs(name, dtype):
+    case, inputs, h0, options = _build(name, 64, seed=4)
+    low = _cast(inputs, lambda x: x.to(dtype) if isinstance(x, torch.Tensor)
+                and x.is_floating_point() else x)
+    o, S = _run(case, case.fast, low, h0, options, chunk=16)
+    o_gold, S_gold = _run(case, case.ref, _cast(low), _widen(h0), options)
+    assert o.dtype == dtype
+    assert_close(o, o_gold, dtype, f"{name} in {dtype}")
+    if S is not None:
+        assert S.dtype in (torch.float32, torch.complex64)
+        assert_close(S, S_gold, FP32, f"{name} final state from {dtype} inputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# numerical robustness
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decay", ["scalar", "key"])
+def test_strong_decays_do_not_overflow(decay):
+    """Log decays down to -60 per step (products far below fp32's range): no inf/NaN."""
+    x, h0, _ = make_linear(100, 5, decay)
+    strong = -60 * torch.rand(x["log_decay"].shape, generator=_gen(6)) ** 3
+    x["log_decay"] = torch.where(torch.rand(strong.shape, generator=_gen(7)) < 0.5, strong,
+                                 -1e-3 * torch.rand(strong.shape, generator=_gen(8)))
+    o, S = ops.linear(**x, initial_state=h0, output_final_state=True, chunk_size=64)
+    o_gold, S_gold = ops.linear_ref(**_cast(x), initial_state=_widen(h0), output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert_close(o, o_gold, FP32, f"{decay} strong decay")
+    assert_close(S, S_gold, FP32, f"{decay} strong decay final state")
+    grads = torch.autograd.grad(ops.linear(**{**x, "q": x["q"].requires_grad_()})[0].sum(),
+                                x["q"])
+    assert torch.isfinite(grads[0]).all()
+
+
+def test_delta_strong_gate_no_overflow():
+    x, h0, _ = make_delta(100, 5, gated=True)
+    x["log_decay"] = -40 * torch.rand(x["log_decay"].shape, generator=_gen(6)) ** 4
+    o, S = ops.delta(**x, initial_state=h0, output_final_state=True, chunk_size=64)
+    o_gold, S_gold = ops.delta_ref(**_cast(x), initial_state=_widen(h0), output_final_state=True)
+    assert_close(o, o_gold, FP32, "delta strong gate")
+    assert_close(S, S_gold, FP32, "delta strong gate final state")
+
+
+@pytest.mark.parametrize("kind", ["growing", "signed_with_zeros"])
+def test_scan_exact_for_any_range_of_a(kind):
+    T = 40
+    if kind == "growing":   # |a| up to 1.5: products reach ~1e7, no division anywhere
+        a = 0.5 + torch.rand(B, T, 12, generator=_gen(1))
+    else:                   # a in (-1.2, 1.2) with exact zeros (state resets)
+        a = 2.4 * torch.rand(B, T, 12, generator=_gen(1)) - 1.2
+        a[:, ::7] = 0
+    b = _randn(B, T, 12, seed=2)
+    h, S = ops.scan(a, b, initial_state=_randn(B, 12, seed=3), output_final_state=True)
+    h_gold, S_gold = ops.scan_ref(a.double(), b.double(), initial_state=_randn(B, 12, seed=3).double(),
+                                  output_final_state=True)
+    assert_close(h, h_gold, FP32, f"scan {kind}")
+    assert_close(S, S_gold, FP32, f"scan {kind} final state")
+
+
+def test_scan_broadcast_gate():
+    a = torch.sigmoid(_randn(B, 30, 3, 1, seed=1))     # one gate per head, shared over 4 channels
+    b = _randn(B, 30, 3, 4, seed=2)
+    h, _ = ops.scan(a, b)
+    h_ref, _ = ops.scan_ref(a.expand_as(b), b)
+    assert_close(h, h_ref, FP32, "broadcast gate")
+
+
+# ---------------------------------------------------------------------------------------------
+# independent references: flash-linear-attention's pure-PyTorch naive functions
+# ---------------------------------------------------------------------------------------------
+
+def test_scan_vs_fla_hgrn():
+    naive = pytest.importorskip("fla.ops.hgrn.naive")
+    x, g = _randn(B, 50, 16, seed=1), F.logsigmoid(_randn(B, 50, 16, seed=2))
+    h0 = _randn(B, 16, seed=3)
+    o_fla, S_fla = naive.naive_recurrent_hgrn(x, g, initial_state=h0, output_final_state=True)
+    o, S = ops.scan(g.exp(), x, initial_state=h0, output_final_state=True)
+    o_gold, S_gold = ops.scan_ref(g.double().exp(), x.double(), initial_state=h0.double(),
+                                  output_final_state=True)
+    assert_close(o, o_fla, FP32, "scan vs naive_recurrent_hgrn")
+    assert_close(S, S_fla, FP32, "scan final vs naive_recurrent_hgrn")
+    assert_close(o_fla, o_gold, FP32, "naive_recurrent_hgrn vs golden")
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_linear_vs_fla_simple_gla(decay):
+    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    x, h0, _ = make_linear(77, 1, decay)
+    g = x["log_decay"] if decay == "scalar" else torch.zeros(B, 77, H)
+    o_fla, S_fla = naive.naive_recurrent_simple_gla(x["q"], x["k"], x["v"], g, scale=0.3,
+                                                    initial_state=h0.clone(),
+                                                    output_final_state=True)
+    o, S = ops.linear(**x, scale=0.3, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert_close(o, o_fla, FP32, f"linear ({decay}) vs naive_recurrent_simple_gla")
+    assert_close(S, S_fla, FP32, f"linear ({decay}) final vs naive_recurrent_simple_gla")
+
+
+def test_linear_key_decay_vs_fla_gla():
+    naive = pytest.importorskip("fla.ops.gla.naive")
+    x, h0, _ = make_linear(77, 2, "key")
+    o_fla, S_fla = naive.naive_recurrent_gla(x["q"], x["k"], x["v"], x["log_decay"],
+                                             initial_state=h0, output_final_state=True)
+    o, S = ops.linear(**x, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert_close(o, o_fla, FP32, "linear ([K] decay) vs naive_recurrent_gla")
+    assert_close(S, S_fla, FP32, "linear ([K] decay) final vs naive_recurrent_gla")
+
+
+def test_linear_complex_lowering_vs_fla_gla():
+    """The lowered real problem, fed to fla's GLA, reproduces the complex recurrence."""
+    naive = pytest.importorskip("fla.ops.gla.naive")
+    x, _, _ = make_complex(40, 3)
+    phi = x["phase"].double().cumsum(1)
+    Q = (x["q"].double() * torch.exp(1j * phi))
+    Kc = (x["k"].double() * torch.exp(-1j * phi))
+    q2 = torch.cat([Q.real, -Q.imag], -1) * math.sqrt(2)   # undo fla's fixed (2K)^-1/2 -> K^-1/2
+    k2 = torch.cat([Kc.real, Kc.imag], -1)
+    g2 = torch.cat([x["log_magnitude"]] * 2, -1).double()
+    o_fla, _ = naive.naive_recurrent_gla(q2, k2, x["v"].double(), g2)
+    o_ref, _ = ops.linear_complex_ref(**x)
+    o, _ = ops.linear_complex(**x, chunk_size=16)
+    assert_close(o_ref, o_fla, FP32, "complex recurrence vs lowered fla GLA")
+    assert_close(o, o_fla, FP32, "linear_complex vs lowered fla GLA")
+
+
+def _mamba_selective_scan_loop(u, delta, A, Bm, C):
+    """Mamba-1's selective scan written out per channel e and state n, no einsum:
+    x[e,n] = exp(Δ[e] A[e,n]) x[e,n] + Δ[e] B[n] u[e];  y[e] = Σ_n C[n] x[e,n].
+    u, delta [B, T, E]; A [E, N]; Bm, C [B, T, N]."""
+    Bsz, T, E = u.shape
+    N = A.shape[1]
+    x = torch.zeros(Bsz, E, N, dtype=u.dtype)
+    ys = []
+    for t in range(T):
+        dA = torch.exp(delta[:, t, :, None] * A[None])              # [B, E, N]
+        dBu = delta[:, t, :, None] * Bm[:, t, None, :] * u[:, t, :, None]
+        x = dA * x + dBu
+        ys.append((x * C[:, t, None, :]).sum(-1))                    # [B, E]
+    return torch.stack(ys, 1), x
+
+
+def test_linear_key_value_decay_is_the_mamba_selective_scan():
+    E, N, T = 6, 4, 50
+    u, Bm, C = _randn(B, T, E, seed=1), _randn(B, T, N, seed=2), _randn(B, T, N, seed=3)
+    delta = F.softplus(_randn(B, T, E, seed=4) - 1)
+    A = -torch.arange(1, N + 1, dtype=FP32).repeat(E, 1)             # S4D-real, [E, N]
+    y_loop, x_loop = _mamba_selective_scan_loop(u.double(), delta.double(), A.double(),
+                                                Bm.double(), C.double())
+    # one head; key dim = state n, value dim = channel e
+    q, k = C[:, :, None], Bm[:, :, None]                             # [B, T, 1, N]
+    v = (delta * u)[:, :, None]                                      # [B, T, 1, E]
+    log_decay = (delta[:, :, None, None, :] * A.T[None, None, None])  # [B, T, 1, N, E]
+    for fn, kw in ((ops.linear, {"chunk_size": 16}), (ops.linear_ref, {})):
+        y, S = fn(q, k, v, log_decay, scale=1.0, output_final_state=True, **kw)
+        assert_close(y[:, :, 0], y_loop, FP32, f"{fn.__name__} vs Mamba loop")
+        assert_close(S[:, 0], x_loop.transpose(1, 2), FP32, f"{fn.__name__} state vs Mamba loop")
+
+
+def test_delta_vs_fla_gated_delta_rule():
+    naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+    x, h0, _ = make_delta(77, 4, gated=True)
+    o_fla, S_fla = naive.naive_recurrent_gated_delta_rule(
+        x["q"], x["k"], x["v"], x["beta"], x["log_decay"], scale=0.4, initial_state=h0,
+        output_final_state=True)
+    o, S = ops.delta(**x, scale=0.4, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert_close(o, o_fla, FP32, "delta vs naive_recurrent_gated_delta_rule")
+    assert_close(S, S_fla, FP32, "delta final vs naive_recurrent_gated_delta_rule")
+
+
+def test_delta_vs_fla_delta_rule_head_first():
+    naive = pytest.importorskip("fla.ops.delta_rule.naive")
+    x, h0, _ = make_delta(77, 5, gated=False)
+    head_first = {n: v.transpose(1, 2) for n, v in x.items() if v is not None}  # [B, H, T, ...]
+    o_fla, S_fla = naive.delta_rule_recurrence(head_first["q"], head_first["k"], head_first["v"],
+                                               head_first["beta"], initial_state=h0.clone(),
+                                               output_final_state=True)
+    o, S = ops.delta(**x, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert_close(o, o_fla.transpose(1, 2), FP32, "delta vs delta_rule_recurrence")
+    assert_close(S, S_fla, FP32, "delta final vs delta_rule_recurrence")
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_delta_interleave_vs_fla_gated_delta_product(steps, gated):
+    naive = pytest.importorskip("fla.ops.gated_delta_product.naive")
+    T = 33
+    x, h0, _ = make_product(T, 6, steps)
+    if not gated:
+        x["log_decay"] = None
+    leaves = {n: v.clone().requires_grad_() for n, v in x.items() if v is not None}
+    s0 = h0.clone().requires_grad_()
+    o_fla, S_fla = naive.naive_recurrent_gated_delta_product(
+        leaves["q"], leaves["k"].flatten(1, 2), leaves["v"].flatten(1, 2), leaves.get("log_decay"),
+        leaves["beta"].flatten(1, 2), scale=K ** -0.5, initial_state=s0,
+        output_final_state=True, num_householder=steps)
+    o, S = ops.delta_interleave(**{**x, **leaves}, steps=steps, initial_state=s0,
+                                output_final_state=True, chunk_size=16)
+    assert_close(o, o_fla, FP32, f"delta_interleave x{steps} vs naive gated_delta_product")
+    assert_close(S, S_fla, FP32, f"delta_interleave x{steps} final vs naive gated_delta_product")
+    wrt = [*leaves.values(), s0]
+    g_fla = torch.autograd.grad(_weighted_sum(o_fla, 1) + _weighted_sum(S_fla, 2), wrt)
+    g_ours = torch.autograd.grad(_weighted_sum(o, 1) + _weighted_sum(S, 2), wrt)
+    for n, a, b in zip([*leaves, "initial_state"], g_ours, g_fla):
+        assert_close(a, b, FP32, f"delta_interleave x{steps} d/d{n} vs fla")
+    if steps == 1:  # one sub-step is the plain gated delta rule
+        plain = {n: v[:, :, 0] if n in ("k", "v", "beta") else v for n, v in x.items()}
+        o1, _ = ops.delta(**plain, initial_state=h0, chunk_size=16)
+        assert_close(o1, o.detach(), FP32, "steps=1 vs delta")
+
+
+@pytest.mark.parametrize("window", [None, 1, 7])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (3, 1)])
+def test_attention_vs_fla_naive_parallel_attn(heads, window):
+    naive = pytest.importorskip("fla.ops.attn.naive")
+    x, _, _ = make_attention(70, 7, heads=heads[0], kv_heads=heads[1])
+    o_fla, _ = naive.naive_parallel_attn(x["q"], x["k"], x["v"], window_size=window)
+    for fn, kw in ((ops.attention, {"block_size": 16}), (ops.attention_ref, {})):
+        o = fn(**x, window=window, **kw)
+        assert_close(o, o_fla, FP32, f"{fn.__name__} heads={heads} window={window} vs fla")
+
+
+def test_rope_matches_transformers_llama():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    theta, T, D = 10000.0, 30, 16
+    q, k = _randn(B, T, 3, D, seed=1), _randn(B, T, 3, D, seed=2)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    freqs = torch.arange(T, dtype=torch.float)[:, None] * inv_freq
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos()[None].expand(B, T, D), emb.sin()[None].expand(B, T, D)
+    q_hf, k_hf = llama.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert_close(ops.apply_rope(q, theta), q_hf.transpose(1, 2), FP32, "rope q vs transformers")
+    assert_close(ops.apply_rope(k, theta), k_hf.transpose(1, 2), FP32, "rope k vs transformers")
+
+
+def test_attention_softcap_and_window_against_dense_formula():
+    x, _, _ = make_attention(40, 8, heads=2, kv_heads=1)
+    q, k, v = (t.double() for t in x.values())
+    s = torch.einsum("bihd,bjd->bhij", q, k[:, :, 0]) * K ** -0.5
+    s = 2.0 * torch.tanh(s / 2.0)
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None]
+    s = s.masked_fill((j > i) | (i - j >= 5), float("-inf"))
+    expected = torch.einsum("bhij,bjd->bihd", s.softmax(-1), v[:, :, 0])
+    o = ops.attention(**x, window=5, softcap=2.0, block_size=16)
+    assert_close(o, expected, FP32, "attention vs dense softcap+window formula")
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_attention_decode_matches_last_row(window):
+    x, _, _ = make_attention(25, 9, heads=4, kv_heads=2)
+    theta = 100.0
+    full = ops.attention(**x, window=window, softcap=4.0, rope_theta=theta)
+    L = 25
+    pos = torch.tensor([L - 1])
+    q_last = ops.apply_rope(x["q"][:, -1:], theta, positions=pos)[:, 0]
+    k_cache = ops.apply_rope(x["k"], theta)
+    o = ops.attention_decode(q_last, k_cache, x["v"], window=window, softcap=4.0)
+    assert_close(o, full[:, -1], FP32, "decode step vs full attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# the tolerance table itself
+# ---------------------------------------------------------------------------------------------
+
+def test_tolerance_table_and_messages():
+    assert set(TOLERANCES) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+    x = _randn(100, seed=1)
+    assert_close(x + 1e-8, x, FP32)
+    with pytest.raises(AssertionError, match="relative RMS error .* max-abs error"):
+        assert_close(x + 1e-2, x, FP32, "offset")
+    y = x.clone()
+    y[3] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(y, x, torch.bfloat16)
+    rel, max_abs, _ = errors(2 * x, x)
+    assert abs(rel - 1) < 1e-12 and max_abs == pytest.approx(float(x.abs().max()))
