@@ -142,6 +142,30 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_golden(args) -> int:
+    from seqdsl import golden
+
+    failed = 0
+    for path in args.files:
+        try:
+            if args.update:
+                target = golden.record(path, _overrides(args.set), folder=args.dir)
+                print(f"{path}: recorded {target}")
+                continue
+            if args.set:
+                print("seqdsl golden: --set is only used with --update (the golden file stores "
+                      "its overrides)", file=sys.stderr)
+                return 2
+            result = golden.check(path, folder=args.dir)
+        except SpecError as err:
+            _report(err)
+            failed += 1
+            continue
+        print(f"{path}: {'ok' if result.ok else 'MISMATCH'} ({result.message})")
+        failed += not result.ok
+    return 1 if failed else 0
+
+
 def cmd_demo(args) -> int:
     """The main job of the quick start: lower a bundled spec and summarise the model."""
     from seqdsl.analysis import human, human_bytes, model_info
@@ -226,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=["torch"], help="code generator")
     add_set(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("golden", help="record or check a spec's golden outputs",
+                       description="Check each FILE's model outputs (fixed seed and input, "
+                                   "reference path) against <spec folder>/golden/<name>.json, or "
+                                   "record them with --update. The golden file stores the "
+                                   "overrides it was recorded with.", epilog=EPILOG)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--update", action="store_true", help="record instead of checking")
+    p.add_argument("--dir", metavar="DIR", help="folder of the golden files (default: golden/ "
+                                                 "next to the spec)")
+    add_set(p)
+    p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("demo", help="the quick start's main job: lower a spec, summarise it",
                        epilog=EPILOG)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# compiled modules go to a private cache, not the user's ~/.cache
+os.environ.setdefault("SEQDSL_CACHE", tempfile.mkdtemp(prefix="seqdsl-test-cache-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -14,6 +18,41 @@ SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
 #: every model spec of the library (std/ holds library files without a model)
 MODEL_SPECS = sorted(SPECS.glob("*.seq"))
 LIBRARY_SPECS = sorted((SPECS / "std").glob("*.seq"))
+
+
+#: hyper-parameters that make each spec tiny (the spec's defaults are full-size models)
+COMMON = {"vocab": 61, "d": 40, "depth": 2}
+TINY = {
+    "mamba2": {"mamba2.n": 8, "mamba2.hd": 8},
+    "gateloop": {"gateloop.heads": 2},
+    "deltaproduct": {"deltaproduct.heads": 2, "deltaproduct.hd": 8},
+    "deltanet": {"deltanet.heads": 2},
+    "deltanet_swa": {"window": 4, "deltanet.heads": 2},
+    "gated_deltanet": {"gated_deltanet.heads": 2, "gated_deltanet.hd": 8},
+    "gla": {"gla.heads": 2},
+    "griffin": {"depth": 3, "rglru.heads": 2},
+    "hawk": {"rglru.heads": 2},
+    "hgrn2": {"hgrn2.expand_ratio": 8},
+    "retnet": {"retention.heads": 2},
+    "samba": {"window": 4},
+    "transformer": {"heads": 4, "kv_heads": 2, "hidden": 48},
+    "jamba": {"depth": 8, "hidden": 48},
+}
+
+
+def tiny_overrides(path) -> dict:
+    import seqdsl
+
+    program = seqdsl.load(path)
+    out = {k: v for k, v in COMMON.items() if k in program.config}
+    for key, value in TINY.get(path.stem, {}).items():
+        if "." in key:
+            dname, pname = key.split(".")
+            d = program.spec.definitions.get(dname)
+            if d is None or pname not in [h.name for h in d.hyper]:
+                continue  # the spec spells this differently; its default is used
+        out[key] = value
+    return out
 
 
 def assert_snapshot(name: str, text: str) -> None:

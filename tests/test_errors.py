@@ -124,6 +124,10 @@ CASES = {
         """), 1, 7, "unexpected 'none'; expected a name",
         "'none' is a keyword and cannot be used as a name"),
 
+    "syntax-nested-too-deeply": Case(HEADER + "block b { x = x + proj(" + "-" * 300 + "x, d) }\n",
+                                     4, 217, "too deeply nested: more than 200 levels",
+                                     "split the expression into several assignments"),
+
     # ---- names --------------------------------------------------------------------------------
     "unknown-name": Case(HEADER + spec("""
         block b { x = x + f(rmsnorm(x)) }

@@ -475,6 +475,18 @@ def test_linear_key_value_decay_is_the_mamba_selective_scan():
         assert_close(S[:, 0], x_loop.transpose(1, 2), FP32, f"{fn.__name__} state vs Mamba loop")
 
 
+def test_linear_key_value_decay_broadcasts():
+    """A [B, T, H, 1, V] decay (one per value dim) broadcasts over the key dim."""
+    x, h0, _ = make_linear(40, 3, "none")
+    g = _log_gate(B, 40, H, 1, V, seed=9)
+    o, S = ops.linear(**{**x, "log_decay": g}, initial_state=h0, output_final_state=True,
+                      chunk_size=16)
+    o_gold, S_gold = ops.linear_ref(**_cast({**x, "log_decay": g.expand(B, 40, H, K, V)}),
+                                    initial_state=_widen(h0), output_final_state=True)
+    assert_close(o, o_gold, FP32, "[1, V] decay")
+    assert_close(S, S_gold, FP32, "[1, V] decay final state")
+
+
 def test_delta_vs_fla_gated_delta_rule():
     naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
     x, h0, _ = make_delta(77, 4, gated=True)

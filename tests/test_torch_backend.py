@@ -16,40 +16,7 @@ import seqdsl  # noqa: E402
 from seqdsl.analysis import model_info  # noqa: E402
 from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
-from conftest import MODEL_SPECS  # noqa: E402
-
-#: hyper-parameters that make each spec tiny (the spec's defaults are full-size models)
-COMMON = {"vocab": 61, "d": 40, "depth": 2}
-TINY = {
-    "mamba2": {"mamba2.n": 8, "mamba2.hd": 8},
-    "gateloop": {"gateloop.heads": 2},
-    "deltaproduct": {"deltaproduct.heads": 2, "deltaproduct.hd": 8},
-    "deltanet": {"deltanet.heads": 2},
-    "deltanet_swa": {"window": 4, "deltanet.heads": 2},
-    "gated_deltanet": {"gated_deltanet.heads": 2, "gated_deltanet.hd": 8},
-    "gla": {"gla.heads": 2},
-    "griffin": {"depth": 3, "rglru.heads": 2},
-    "hawk": {"rglru.heads": 2},
-    "hgrn2": {"hgrn2.expand_ratio": 8},
-    "retnet": {"retention.heads": 2},
-    "samba": {"window": 4},
-    "transformer": {"heads": 4, "kv_heads": 2, "hidden": 48},
-    "jamba": {"depth": 8, "hidden": 48},
-}
-
-
-def tiny_overrides(path) -> dict:
-    program = seqdsl.load(path)
-    out = {k: v for k, v in COMMON.items() if k in program.config}
-    for key, value in TINY.get(path.stem, {}).items():
-        if "." in key:
-            dname, pname = key.split(".")
-            d = program.spec.definitions.get(dname)
-            if d is None or pname not in [h.name for h in d.hyper]:
-                continue  # the spec spells this differently; its default is used
-        out[key] = value
-    return out
-
+from conftest import MODEL_SPECS, tiny_overrides  # noqa: E402
 
 @pytest.fixture(scope="module", params=MODEL_SPECS, ids=[p.stem for p in MODEL_SPECS])
 def compiled(request):

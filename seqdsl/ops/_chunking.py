@@ -59,7 +59,7 @@ def to_chunks(x: Tensor, chunk: int) -> Tensor:
     x = pad_time(x, chunk)
     B, T, H = x.shape[:3]
     x = x.reshape(B, T // chunk, chunk, H, *x.shape[3:])  # [B, n, C, H, *rest]
-    return x.movedim(3, 1)                                # [B, H, n, C, *rest]
+    return x.movedim(3, 1).contiguous()                   # [B, H, n, C, *rest]
 
 
 def from_chunks(x: Tensor, length: int) -> Tensor:
