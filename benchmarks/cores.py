@@ -62,7 +62,8 @@ def _cases(x: dict[str, torch.Tensor]):
     chunk_simple = _fla("fla.ops.simple_gla.naive", "naive_chunk_simple_gla")
     chunk_gated_delta = _fla("fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule")
     return [
-        ("scan [H*K]", lambda: ops.scan(x["a"], x["b"]), lambda: ops.scan_ref(x["a"], x["b"]), None),
+        ("scan [H*K]", lambda: ops.scan(x["a"], x["b"]), lambda: ops.scan_ref(x["a"], x["b"]),
+         None),
         ("linear, no decay", lambda: ops.linear(q, k, v), lambda: ops.linear_ref(q, k, v), None),
         ("linear, scalar decay", lambda: ops.linear(q, k, v, x["g_scalar"]),
          lambda: ops.linear_ref(q, k, v, x["g_scalar"]),

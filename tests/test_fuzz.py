@@ -7,8 +7,9 @@ block, (c) mutations of the bundled specs (lines and tokens deleted, duplicated,
 numbers changed, names replaced, text truncated). Mutated specs are compiled with ``text=`` and
 their original path, so ``import "std/..."`` still resolves.
 
-Runs are deterministic (derandomized, no example database). Example counts are sized for about a
-minute on two cores in total; ``SEQDSL_FUZZ_SCALE=10`` runs ten times as many.
+Runs are deterministic (derandomized, no example database), in CI and locally alike. Example
+counts are sized for well under a minute on two cores in total; ``SEQDSL_FUZZ_SCALE=10`` runs ten
+times as many, and ``SEQDSL_FUZZ_RANDOM=1`` draws new examples on every run (to hunt for bugs).
 
 Also here: the ``seqdsl check`` command line reports errors without a traceback.
 """
@@ -34,11 +35,12 @@ from seqdsl.ir.builtins import BUILTINS, INIT_RULES, PATTERN_FUNCTIONS
 from conftest import ROOT, SPECS
 
 SCALE = float(os.environ.get("SEQDSL_FUZZ_SCALE", "1"))
+RANDOM = os.environ.get("SEQDSL_FUZZ_RANDOM") == "1"  # new examples each run, to hunt for bugs
 
 
 def fuzz_settings(examples: int):
     # CI and local runs use the same counts; derandomized and database-free, so CI is deterministic
-    return settings(max_examples=max(1, int(examples * SCALE)), derandomize=True, database=None,
+    return settings(max_examples=max(1, int(examples * SCALE)), derandomize=not RANDOM, database=None,
                     deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
@@ -250,6 +252,31 @@ def test_mutated_specs(data):
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
         text = mutate(data, text)
     compiles_or_reports(path, text)
+
+
+# ---- (d) hyper-parameter overrides, as the CLI's --set passes them -----------------------------
+
+OVERRIDE_KEYS = ["d", "vocab", "depth", "dd", "", ".", "mamba.expand", "mamba.n", "mamba.rank",
+                 "mamba.nn", "mamba.", "attn.window", "attn.heads", "attn.rope", "rglru.c",
+                 "rglru.width", "swiglu.hidden", "nosuch.d", "mamba_block.x"]
+OVERRIDE_VALUES = st.one_of(
+    st.text(max_size=12),                                   # as typed after --set key=
+    st.sampled_from(NUMBERS + STRINGS + ["true", "none", "gelu", "[1, 2]", "(", "2 **", "d"]),
+    st.integers(-3, 40), st.floats(allow_nan=True), st.booleans(), st.none(),
+    st.lists(st.integers(0, 4), max_size=3),
+)
+
+
+@fuzz_settings(300)
+@given(st.sampled_from(["mamba.seq", "griffin.seq"]),
+       st.dictionaries(st.sampled_from(OVERRIDE_KEYS), OVERRIDE_VALUES, max_size=2))
+def test_random_overrides(name, overrides):
+    try:
+        program = seqdsl.load(str(SPECS / name), verify=True, **overrides)
+    except SpecError as err:
+        err.render()
+        return
+    model_info(program)
 
 
 # ---- the command line --------------------------------------------------------------------------

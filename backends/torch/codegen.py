@@ -586,6 +586,7 @@ def build_view(program: Program) -> dict:
         "tie": s.tie_embeddings,
         "embed_scale": repr(s.embed_scale),
         "softcap": repr(s.logit_softcap),
+        "embed_init": s.embed_init or InitRule("normal", (("std", 0.02),)),
     }
 
 

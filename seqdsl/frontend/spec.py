@@ -37,6 +37,7 @@ MODEL_SETTINGS = {
                   "(default rmsnorm)",
     "embed_scale": "number: the embedding output is multiplied by it (default 1)",
     "logit_softcap": "number or none: logits = cap * tanh(logits / cap) (default none)",
+    "embed_init": "init rule of the embedding (and a tied head) (default normal(std = 0.02))",
 }
 
 def _spanned(msg: str, span: Span, hint: str | None = None) -> PydanticCustomError:

@@ -198,6 +198,7 @@ class ModelSettings:
     final_norm: str | None = "rmsnorm"
     embed_scale: float = 1.0
     logit_softcap: float | None = None
+    embed_init: Any = None  # an InitRule; None: normal(std = 0.02)
 
 
 @dataclass(frozen=True)

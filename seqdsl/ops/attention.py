@@ -135,7 +135,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
 
 
 def _attend_block(q, k, v, q_start, k_start, window, scale, softcap):
-    """Queries ``q_start..`` against keys ``k_start..``: q [B, Hkv, G, Tq, K], k/v [B, Hkv, Tk, *]."""
+    """Queries from ``q_start`` against keys from ``k_start``.
+    q [B, Hkv, G, Tq, K], k/v [B, Hkv, Tk, K|V] -> [B, Hkv, G, Tq, V]."""
     qi = torch.arange(q_start, q_start + q.shape[3], device=q.device)[:, None]
     kj = torch.arange(k_start, k_start + k.shape[2], device=q.device)[None, :]
     hidden = kj > qi

@@ -60,7 +60,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
                            output_final_state=output_final_state, chunk_size=chunk_size)
     K = q.shape[-1]
     real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
-    cplx = compute_dtype(q.real, k.real, v, log_magnitude, phase, torch.empty(0, dtype=torch.cfloat))
+    cplx = torch.complex128 if real == torch.float64 else torch.complex64
     # cumulative angle in float64, reduced mod 2π: fp32 cumsums of angles lose absolute precision
     angle = torch.remainder(phase.double().cumsum(1), 2 * math.pi)          # Φ_t [B, T, H, K]
     rot = torch.polar(torch.ones_like(angle), angle).to(cplx)              # e^{iΦ_t}

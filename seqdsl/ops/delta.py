@@ -77,7 +77,8 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
         return varlen_call(delta, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, log_decay=log_decay),
                            scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, chunk_size=chunk_size)
-    q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state, scale)
+    q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state,
+                                                      scale)
     o, S = _delta_chunked(q * scale, k, v, beta, g, S0, chunk_size)
     return o.to(out_dtype), (S if output_final_state else None)
 
@@ -157,7 +158,8 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     k_seq = k.reshape(B, T * n, H, K)
     v_seq = v.reshape(B, T * n, H, V)
     beta_seq = beta.reshape(B, T * n, H)
-    q_seq = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2).reshape(B, T * n, H, K)
+    q_seq = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2)
+    q_seq = q_seq.reshape(B, T * n, H, K)
     g_seq = None
     if log_decay is not None:
         g_seq = torch.cat([log_decay[:, :, None], log_decay.new_zeros(B, T, n - 1, H)], dim=2)

@@ -41,7 +41,8 @@ def _prepare(q, k, v, log_decay, initial_state, scale):
     out_dtype = output_dtype(q, k, v)
     if dtype.is_complex:  # a complex decay or state makes the output complex (reference only)
         out_dtype = torch.promote_types(out_dtype, torch.complex64)
-    q, k, v, log_decay, initial_state = (cast(x, dtype) for x in (q, k, v, log_decay, initial_state))
+    q, k, v, log_decay, initial_state = (
+        cast(x, dtype) for x in (q, k, v, log_decay, initial_state))
     return q, k, v, log_decay, initial_state, out_dtype, default_scale(scale, q.shape[-1])
 
 
@@ -101,7 +102,7 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
            scale: float | None = None, initial_state: Tensor | None = None,
            output_final_state: bool = False, cu_seqlens: Tensor | None = None,
            chunk_size: int = 64):
-    """Chunked linear attention ``S_t = exp(log_decay_t) ⊙ S_{t-1} + k_t v_tᵀ, o_t = scale·S_tᵀq_t``.
+    """Chunked linear attention: ``S_t = exp(g_t) ⊙ S_{t-1} + k_t v_tᵀ``, ``o_t = scale·S_tᵀq_t``.
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from seqdsl.diagnostics import Collector, SpecError, did_you_mean, error, one_of
 from seqdsl.frontend import ast
 from seqdsl.frontend.consteval import ConstEvaluator
+from seqdsl.ir.builtins import InitRule
 from seqdsl.ir.graph import BlockInstance, Layer, ModelSettings, Program
 from seqdsl.ir.values import BlockRef, is_number, type_name
 
@@ -141,6 +142,11 @@ def _settings(program: Program) -> ModelSettings:
                 if not is_number(value):
                     raise error(expr.span, f"embed_scale must be a number, got {type_name(value)}")
                 out = _replace(out, embed_scale=float(value))
+            elif key == "embed_init":
+                if not isinstance(value, InitRule):
+                    raise error(expr.span, f"embed_init must be an init rule, got {type_name(value)}",
+                                "e.g. embed_init = normal(std = 0.02)")
+                out = _replace(out, embed_init=value)
             elif key == "logit_softcap":
                 if value is not None and (not is_number(value) or value <= 0):
                     raise error(expr.span, f"logit_softcap must be a positive number or none, "

@@ -1,0 +1,207 @@
+"""CPU benchmark: seqdsl's chunked cores and generated layers against their peers, same process.
+
+Not a test. Run ``python benchmarks/cpu.py [--quick]``; prints tables and writes
+``benchmarks/RESULTS.md``. Every number is a median over repeats, in milliseconds, and every
+comparison is a ratio measured in this process on this machine:
+
+* cores: chunked form vs the sequential reference (``*_ref``) vs fla's naive chunk functions,
+  forward and forward+backward;
+* roofline: the `linear` core with a scalar decay, as a fraction of the FLOP rate ``torch.bmm``
+  reaches on matrices of the chunked algorithm's sizes;
+* layers: generated blocks vs transformers' CPU paths (``MambaMixer`` slow path, ``Mamba2Mixer``
+  torch path, RecurrentGemma's recurrent block);
+* peak memory of the chunked forward (CPU allocator, via tracemalloc-free torch profiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import seqdsl
+from seqdsl import ops
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+
+
+def bench(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def fwd_bwd(fn, *tensors):
+    def run():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().mean().backward()
+        for t in tensors:
+            t.grad = None
+    return run
+
+
+# ---- cores -----------------------------------------------------------------------------------
+
+def core_inputs(T: int, B: int = 1, H: int = 4, K: int = 64, V: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    v = torch.randn(B, T, H, V, generator=g)
+    g_scalar = -torch.rand(B, T, H, generator=g) * 0.1
+    g_key = -torch.rand(B, T, H, K, generator=g) * 0.1
+    beta = torch.rand(B, T, H, generator=g)
+    return q, k, v, g_scalar, g_key, beta
+
+
+def core_rows(lengths, repeats, with_ref_up_to: int):
+    rows = []
+    try:
+        from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+        from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+        have_fla = True
+    except ImportError:  # pragma: no cover - fla is a test/benchmark-only dependency
+        have_fla = False
+    for T in lengths:
+        q, k, v, gs, gk, beta = core_inputs(T)
+        a = torch.sigmoid(torch.randn(1, T, 4 * 64))
+        b = torch.randn(1, T, 4 * 64)
+        cases = {
+            "scan [D]": (lambda: ops.scan(a, b), lambda: ops.scan_ref(a, b), None),
+            "linear, no decay": (lambda: ops.linear(q, k, v), lambda: ops.linear_ref(q, k, v), None),
+            "linear, scalar decay": (
+                lambda: ops.linear(q, k, v, log_decay=gs), lambda: ops.linear_ref(q, k, v, log_decay=gs),
+                (lambda: naive_chunk_simple_gla(q, k, v, gs)) if have_fla else None),
+            "linear, [K] decay": (lambda: ops.linear(q, k, v, log_decay=gk),
+                                  lambda: ops.linear_ref(q, k, v, log_decay=gk), None),
+            "delta, gated": (
+                lambda: ops.delta(q, k, v, beta, log_decay=gs),
+                lambda: ops.delta_ref(q, k, v, beta, log_decay=gs),
+                (lambda: naive_chunk_gated_delta_rule(q, k, v, beta, gs)) if have_fla else None),
+            "attention, causal": (lambda: ops.attention(q, k, v), lambda: ops.attention_ref(q, k, v), None),
+        }
+        for name, (fast, ref, peer) in cases.items():
+            t_fast = bench(fast, repeats)
+            t_ref = bench(ref, 1, 0) if T <= with_ref_up_to else float("nan")
+            t_peer = bench(peer, repeats) if peer is not None else float("nan")
+            rows.append((name, T, t_fast, t_ref, t_peer))
+    return rows
+
+
+def roofline(T: int = 2048, H: int = 4, K: int = 64, V: int = 64, chunk: int = 64, repeats: int = 5):
+    """Chunked `linear` with a scalar decay as a fraction of torch.bmm's FLOP rate."""
+    q, k, v, gs, _, _ = core_inputs(T, H=H, K=K, V=V)
+    t = bench(lambda: ops.linear(q, k, v, log_decay=gs, chunk_size=chunk), repeats) / 1000
+    # intra-chunk q k^T and (masked) scores @ v, state readout q S and state update k^T v
+    flops = 2 * H * T * (chunk * K + chunk * V + 2 * K * V)
+    n = H * (T // chunk)
+    x = torch.randn(n, chunk, K)
+    y = torch.randn(n, K, chunk)
+    t_mm = bench(lambda: torch.bmm(x, y), repeats) / 1000
+    rate = 2 * n * chunk * K * chunk / t_mm
+    return flops / t, rate
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes allocated by fn on the CPU, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.key_averages()
+    return max((e.cpu_memory_usage for e in events), default=0)
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+def _block(spec: str, **overrides):
+    module = seqdsl.compile(SPECS / spec, **overrides)
+    torch.manual_seed(0)
+    model = module.Model().eval()
+    return model.layers[0]
+
+
+def layer_rows(lengths, repeats):
+    import transformers as tf
+    rows = []
+    mamba_cfg = tf.MambaConfig(hidden_size=768, state_size=16, expand=2, conv_kernel=4,
+                               num_hidden_layers=1, vocab_size=100)
+    hf_mamba = tf.models.mamba.modeling_mamba.MambaMixer(mamba_cfg, layer_idx=0).eval()
+    ours_mamba = _block("mamba.seq", vocab=100, depth=1)
+    m2_cfg = tf.Mamba2Config(hidden_size=768, state_size=128, expand=2, head_dim=64, n_groups=1,
+                             num_heads=24, conv_kernel=4, num_hidden_layers=1, vocab_size=100)
+    hf_mamba2 = tf.models.mamba2.modeling_mamba2.Mamba2Mixer(m2_cfg, layer_idx=0).eval()
+    ours_mamba2 = _block("mamba2.seq", vocab=100, depth=1)
+    rg_cfg = tf.RecurrentGemmaConfig(hidden_size=1024, lru_width=1024, num_attention_heads=8,
+                                     num_hidden_layers=1, vocab_size=100,
+                                     block_types=["recurrent"])
+    hf_rg = tf.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock(rg_cfg, layer_idx=0).eval()
+    ours_rg = _block("hawk.seq", vocab=100, depth=1, d=1024, **{"rglru.heads": 8})
+
+    def ours(block, x):
+        return lambda: block(x, {}, None, 0)
+
+    for T in lengths:
+        with torch.no_grad():
+            x = torch.randn(1, T, 768)
+            xr = torch.randn(1, T, 1024)
+            pos = torch.arange(T)[None]
+            cases = [
+                ("Mamba layer vs MambaMixer (slow path)", ours(ours_mamba, x),
+                 lambda: hf_mamba(x)),
+                ("Mamba-2 layer vs Mamba2Mixer (torch path)", ours(ours_mamba2, x),
+                 lambda: hf_mamba2(x)),
+                ("Hawk/Griffin recurrent block vs RecurrentGemma", ours(ours_rg, xr),
+                 lambda: hf_rg(xr, pos, None, use_cache=False)),
+            ]
+            for name, fast, peer in cases:
+                rows.append((name, T, bench(fast, repeats), bench(peer, max(1, repeats // 2))))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T = 512 only, fewer repeats")
+    args = parser.parse_args()
+    lengths = [512] if args.quick else [512, 2048, 8192]
+    repeats = 2 if args.quick else 3
+    torch.manual_seed(0)
+    lines = [f"# CPU benchmark ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__})", ""]
+
+    lines += ["## Cores, forward (B=1, H=4, K=V=64), ms", "",
+              "| core | T | chunked | reference | fla naive chunk | vs reference | vs fla |",
+              "|---|---|---|---|---|---|---|"]
+    for name, T, fast, ref, peer in core_rows(lengths, repeats, with_ref_up_to=2048):
+        lines.append(f"| {name} | {T} | {fast:.1f} | {ref:.1f} | {peer:.1f} | "
+                     f"{ref / fast:.1f}x | {peer / fast:.1f}x |")
+    achieved, rate = roofline(repeats=repeats)
+    lines += ["", f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
+              f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.", ""]
+
+    q, k, v, gs, _, _ = core_inputs(8192 if not args.quick else 2048)
+    peak = peak_memory(lambda: ops.linear(q, k, v, log_decay=gs))
+    per = q.shape[1] * q.shape[2] * (q.shape[3] + v.shape[3]) * 4
+    lines += [f"Peak memory of the chunked `linear` forward at T={q.shape[1]}: {peak / 2**20:.1f} MiB "
+              f"= {peak / per:.1f} x T*H*(K+V)*4 bytes.", ""]
+
+    lines += ["## Layers, forward (B=1), ms", "",
+              "| layer vs peer | T | seqdsl | peer | speed-up |", "|---|---|---|---|---|"]
+    for name, T, fast, peer in layer_rows(lengths, repeats):
+        lines.append(f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (Path(__file__).parent / "RESULTS.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
