@@ -425,6 +425,32 @@ CASES = {
         block b { x = x + proj(x, d) * w }
         """), 2, 41, "'layer' is not available in a shared value: shared values are the same "
         "for every layer", "use it where the value is read, e.g. w[layer]"),
+    "shared-defined-twice": Case(spec("""
+        model m(vocab = 100, d = 16) {
+          shared t = param([d], init = zeros)
+          shared t = param([d], init = ones)
+          layers = [b]
+        }
+        block b { x = x + proj(x, d) * t }
+        """), 3, 10, "shared value 't' is defined twice", "first defined at main.seq:2:10"),
+    "shared-used-before-defined": Case(spec("""
+        model m(vocab = 100, d = 16) {
+          shared a = t * 2
+          shared t = param([d], init = zeros)
+          layers = [b]
+        }
+        block b { x = x + proj(x, d) * a }
+        """), 2, 14, "shared value 't' is used before it is defined",
+        "it is defined at main.seq:3:10"),
+    "shared-block-used-as-value": Case(spec("""
+        model m(vocab = 100, d = 16) {
+          shared sb = b
+          layers = [sb, b]
+        }
+        block b { x = x + f(x) }
+        mixer f { return proj(x, d) * sb }
+        """), 6, 31, "'sb' is a shared block; blocks are listed in the model's layers, not used "
+        "in expressions"),
     "layer-in-pattern": Case(spec("""
         model m(vocab = 100, d = 16) {
           layers = [b] * layer
@@ -722,7 +748,8 @@ CASES = {
     "init-rule-missing-argument": Case(HEADER + spec("""
         block b { x = x + f(x) }
         mixer f { return proj(x, d) * param([d], init = uniform(0.1)) }
-        """), 5, 49, "init rule 'uniform' needs argument 'high'", "uniform(low, high): U(low, high)"),
+        """), 5, 49, "init rule 'uniform' needs argument 'high'",
+        "uniform(low, high): U(low, high)"),
     "init-rule-too-many-arguments": Case(HEADER + spec("""
         block b { x = x + f(x) }
         mixer f { return proj(x, d) * param([d], init = normal(0.1, 0.2)) }
@@ -791,7 +818,8 @@ OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("overrides,path,message,hint", list(OVERRIDES.values()), ids=list(OVERRIDES))
+@pytest.mark.parametrize("overrides,path,message,hint", list(OVERRIDES.values()),
+                         ids=list(OVERRIDES))
 def test_bad_override(overrides, path, message, hint, tmp_path, monkeypatch):
     with pytest.raises(SpecError) as info:
         compile_files(tmp_path, monkeypatch, OVERRIDE_SPEC, **overrides)

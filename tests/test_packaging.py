@@ -29,6 +29,10 @@ def test_wheel_contents(wheel):
     assert "seqdsl/backends/base.py" in names
     assert any(n.startswith("seqdsl/backends/torch/templates/") for n in names)
     assert not any(n.startswith("tests/") for n in names)
+    # every package of the source tree ships
+    for init in (ROOT / "seqdsl").rglob("__init__.py"):
+        rel = init.relative_to(ROOT).as_posix()
+        assert rel in names, f"{rel} is missing from the wheel (add it to pyproject.toml)"
 
 
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
@@ -43,6 +47,7 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
         "block b { x = x + swiglu(rmsnorm(x)) }\n")
     env = dict(os.environ, PYTHONPATH=str(site))
     code = ("import seqdsl, importlib.resources as r, sys; print(seqdsl.__file__); "
+            "import seqdsl.runtime, seqdsl.ops, seqdsl.backends.torch.codegen; "
             "p = r.files('seqdsl.specs') / 'mamba.seq'; "
             "from seqdsl.cli import main; sys.exit(main(['check', str(p), 'tiny.seq']))")
     run = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, capture_output=True,

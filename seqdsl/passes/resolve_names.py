@@ -24,6 +24,9 @@ class _Resolver:
         self.defs = self.spec.definitions
         self.globals = set(self.spec.config)
         self.shared = {s.name for s in self.spec.model.shared} if self.spec.model else set()
+        self.shared_blocks = {s.name for s in self.spec.model.shared
+                              if isinstance(s.value, ast.Name) and s.value.id in self.defs} \
+            if self.spec.model else set()
         self.has_model = self.spec.model is not None
         self.collector = collector
         self.calls: dict[str, list[tuple[str, ast.Call]]] = {}
@@ -42,6 +45,9 @@ class _Resolver:
 
     def name(self, e: ast.Name, env: set[str]) -> None:
         n = e.id
+        if n in self.shared_blocks and n not in env:
+            raise error(e.span, f"'{n}' is a shared block; blocks are listed in the model's "
+                        "layers, not used in expressions")
         if n in env or n in self.globals or n in self.shared or n in RESERVED_NAMES \
                 or n in INIT_RULES:
             return
@@ -76,6 +82,9 @@ class _Resolver:
                                 "e.g. experts(swiglu(x, hidden = 2 * d), route(proj(x, 8), 2))")
         elif f in INIT_RULES:
             pass  # arity is checked when the rule is evaluated
+        elif f in self.shared_blocks:
+            raise error(e.func_span, f"'{f}' is a shared block; blocks are listed in the model's "
+                        "layers, not called", "call a mixer, channel or fn instead")
         elif f in PATTERN_FUNCTIONS:
             raise error(e.func_span, f"'{f}' is only available in the model's layer pattern")
         else:
@@ -118,8 +127,14 @@ class _Resolver:
         if m is None:
             return
         env: set[str] = set()
+        first: dict[str, ast.Shared] = {}
+        defined = {s.name: s for s in m.shared}
         for s in m.shared:
             with self.collector.guard():
+                if s.name in first:
+                    raise error(s.name_span, f"shared value '{s.name}' is defined twice",
+                                f"first defined at {first[s.name].name_span}")
+                first[s.name] = s
                 if s.name in self.spec.config:
                     raise error(s.name_span, f"shared value '{s.name}' has the name of a "
                                 "hyper-parameter")
@@ -135,6 +150,9 @@ class _Resolver:
                             raise error(e.span, f"'{e.id}' is not available in a shared "
                                         "value: shared values are the same for every layer",
                                         f"use it where the value is read, e.g. {s.name}[{e.id}]")
+                        if isinstance(e, ast.Name) and e.id in defined and e.id not in env:
+                            raise error(e.span, f"shared value '{e.id}' is used before it is "
+                                        "defined", f"it is defined at {defined[e.id].name_span}")
                     self.expr(s.value, env, "<shared>")
             env.add(s.name)
         norm = m.settings.get("final_norm")
