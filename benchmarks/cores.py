@@ -20,7 +20,7 @@ from seqdsl import ops
 B, H, K, V = 1, 4, 64, 64
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -37,7 +37,7 @@ def _fla(module: str, name: str):
         return None
 
 
-def _inputs(T: int) -> dict[str, torch.Tensor]:
+def inputs(T: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -56,7 +56,7 @@ def _inputs(T: int) -> dict[str, torch.Tensor]:
     )
 
 
-def _cases(x: dict[str, torch.Tensor]):
+def cases(x: dict[str, torch.Tensor]):
     """(name, fast, reference, fla naive chunk or None), each a zero-argument callable."""
     q, k, v = x["q"], x["k"], x["v"]
     chunk_simple = _fla("fla.ops.simple_gla.naive", "naive_chunk_simple_gla")
@@ -103,12 +103,12 @@ def main() -> None:
     print("-" * len(header))
     with torch.no_grad():
         for T in args.lengths:
-            for name, fast, ref, fla in _cases(_inputs(T)):
-                t_fast = _timed(fast, args.repeats)
-                t_ref = _timed(ref, args.repeats)
+            for name, fast, ref, fla in cases(inputs(T)):
+                t_fast = timed(fast, args.repeats)
+                t_ref = timed(ref, args.repeats)
                 line = f"{name:28s} {T:5d} {t_fast:9.1f} {t_ref:9.1f} {t_ref / t_fast:8.1f}x"
                 if fla is not None:
-                    t_fla = _timed(fla, args.repeats)
+                    t_fla = timed(fla, args.repeats)
                     line += f" {t_fla:9.1f} {t_fla / t_fast:8.1f}x"
                 else:
                     line += f" {'-':>9s} {'-':>9s}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ import torch
 
 import seqdsl
 from seqdsl import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cores  # noqa: E402  (the core cases, shared with benchmarks/cores.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -51,57 +55,27 @@ def fwd_bwd(fn, *tensors):
     return run
 
 
-# ---- cores -----------------------------------------------------------------------------------
-
-def core_inputs(T: int, B: int = 1, H: int = 4, K: int = 64, V: int = 64, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=g)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    v = torch.randn(B, T, H, V, generator=g)
-    g_scalar = -torch.rand(B, T, H, generator=g) * 0.1
-    g_key = -torch.rand(B, T, H, K, generator=g) * 0.1
-    beta = torch.rand(B, T, H, generator=g)
-    return q, k, v, g_scalar, g_key, beta
-
+# ---- cores: the cases of benchmarks/cores.py ---------------------------------------------------
 
 def core_rows(lengths, repeats, with_ref_up_to: int):
     rows = []
-    try:
-        from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
-        from fla.ops.simple_gla.naive import naive_chunk_simple_gla
-        have_fla = True
-    except ImportError:  # pragma: no cover - fla is a test/benchmark-only dependency
-        have_fla = False
-    for T in lengths:
-        q, k, v, gs, gk, beta = core_inputs(T)
-        a = torch.sigmoid(torch.randn(1, T, 4 * 64))
-        b = torch.randn(1, T, 4 * 64)
-        cases = {
-            "scan [D]": (lambda: ops.scan(a, b), lambda: ops.scan_ref(a, b), None),
-            "linear, no decay": (lambda: ops.linear(q, k, v), lambda: ops.linear_ref(q, k, v), None),
-            "linear, scalar decay": (
-                lambda: ops.linear(q, k, v, log_decay=gs), lambda: ops.linear_ref(q, k, v, log_decay=gs),
-                (lambda: naive_chunk_simple_gla(q, k, v, gs)) if have_fla else None),
-            "linear, [K] decay": (lambda: ops.linear(q, k, v, log_decay=gk),
-                                  lambda: ops.linear_ref(q, k, v, log_decay=gk), None),
-            "delta, gated": (
-                lambda: ops.delta(q, k, v, beta, log_decay=gs),
-                lambda: ops.delta_ref(q, k, v, beta, log_decay=gs),
-                (lambda: naive_chunk_gated_delta_rule(q, k, v, beta, gs)) if have_fla else None),
-            "attention, causal": (lambda: ops.attention(q, k, v), lambda: ops.attention_ref(q, k, v), None),
-        }
-        for name, (fast, ref, peer) in cases.items():
-            t_fast = bench(fast, repeats)
-            t_ref = bench(ref, 1, 0) if T <= with_ref_up_to else float("nan")
-            t_peer = bench(peer, repeats) if peer is not None else float("nan")
-            rows.append((name, T, t_fast, t_ref, t_peer))
+    with torch.no_grad():
+        for T in lengths:
+            for name, fast, ref, peer in cores.cases(cores.inputs(T)):
+                t_fast = bench(fast, repeats)
+                t_ref = bench(ref, 1, 0) if T <= with_ref_up_to else float("nan")
+                t_peer = bench(peer, repeats) if peer is not None else float("nan")
+                rows.append((name, T, t_fast, t_ref, t_peer))
     return rows
 
 
-def roofline(T: int = 2048, H: int = 4, K: int = 64, V: int = 64, chunk: int = 64, repeats: int = 5):
+def roofline(T: int = 2048, chunk: int = 64, repeats: int = 5):
     """Chunked `linear` with a scalar decay as a fraction of torch.bmm's FLOP rate."""
-    q, k, v, gs, _, _ = core_inputs(T, H=H, K=K, V=V)
-    t = bench(lambda: ops.linear(q, k, v, log_decay=gs, chunk_size=chunk), repeats) / 1000
+    x = cores.inputs(T)
+    q, k, v, gs = x["q"], x["k"], x["v"], x["g_scalar"]
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    with torch.no_grad():
+        t = bench(lambda: ops.linear(q, k, v, log_decay=gs, chunk_size=chunk), repeats) / 1000
     # intra-chunk q k^T and (masked) scores @ v, state readout q S and state update k^T v
     flops = 2 * H * T * (chunk * K + chunk * V + 2 * K * V)
     n = H * (T // chunk)
@@ -179,7 +153,7 @@ def main():
              f"{torch.get_num_threads()} threads, torch {torch.__version__})", ""]
 
     lines += ["## Cores, forward (B=1, H=4, K=V=64), ms", "",
-              "| core | T | chunked | reference | fla naive chunk | vs reference | vs fla |",
+              "| core | T | fast | reference | fla naive chunk | vs reference | vs fla |",
               "|---|---|---|---|---|---|---|"]
     for name, T, fast, ref, peer in core_rows(lengths, repeats, with_ref_up_to=2048):
         lines.append(f"| {name} | {T} | {fast:.1f} | {ref:.1f} | {peer:.1f} | "
@@ -188,8 +162,10 @@ def main():
     lines += ["", f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
               f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.", ""]
 
-    q, k, v, gs, _, _ = core_inputs(8192 if not args.quick else 2048)
-    peak = peak_memory(lambda: ops.linear(q, k, v, log_decay=gs))
+    x = cores.inputs(8192 if not args.quick else 2048)
+    q, v = x["q"], x["v"]
+    with torch.no_grad():
+        peak = peak_memory(lambda: ops.linear(q, x["k"], v, log_decay=x["g_scalar"]))
     per = q.shape[1] * q.shape[2] * (q.shape[3] + v.shape[3]) * 4
     lines += [f"Peak memory of the chunked `linear` forward at T={q.shape[1]}: {peak / 2**20:.1f} MiB "
               f"= {peak / per:.1f} x T*H*(K+V)*4 bytes.", ""]

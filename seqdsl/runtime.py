@@ -182,10 +182,10 @@ def scan(a, b, state, cu_seqlens, reference):
     return fn(a, b, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
 
 
-def linear(q, k, v, log_decay, scale, state, cu_seqlens, reference):
+def linear(q, k, v, log_decay, scale, state, cu_seqlens, reference, decay_A=None, decay_dt=None):
     fn = ops.linear_ref if reference else ops.linear
     return fn(q, k, v, log_decay=log_decay, scale=scale, initial_state=state,
-              output_final_state=True, cu_seqlens=cu_seqlens)
+              output_final_state=True, cu_seqlens=cu_seqlens, decay_A=decay_A, decay_dt=decay_dt)
 
 
 def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, reference):

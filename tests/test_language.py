@@ -126,8 +126,11 @@ def test_decay_written_exp_is_taken_in_log_space():
     p = seqdsl.load(SPECS / "mamba.seq")
     g = p.blocks["mamba_block"].graph
     core = next(n for n in g.nodes() if n.op is Op.LINEAR)
-    assert g.node(core.inputs[4]).op is Op.MUL  # log_decay = A * dt, no exp/log round trip
-    assert core.attr("decay_kind") == "key_value"
+    # log_decay = A * dt without an exp/log round trip, and kept factored: dt rides in the
+    # log_decay slot, A (constant over time) as an extra input
+    assert core.attr("decay_kind") == "key_value" and core.attr("factored")
+    assert g.node(core.inputs[4]).op is Op.SOFTPLUS and g.node(core.inputs[7]).op is Op.NEG
+    assert core.attr("extras") == ("decay_A",)
 
 
 @pytest.mark.parametrize("window, bounded", [(None, False), (128, True)])

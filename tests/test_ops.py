@@ -605,3 +605,39 @@ def test_tolerance_table_and_messages():
         assert_close(y, x, torch.bfloat16)
     rel, max_abs, _ = errors(2 * x, x)
     assert abs(rel - 1) < 1e-12 and max_abs == pytest.approx(float(x.abs().max()))
+
+
+# ---- the factored selective-SSM decay (Mamba): log_decay = A * dt, never materialised ---------
+
+@pytest.mark.parametrize("fn", [ops.linear, ops.linear_ref], ids=["chunked", "reference"])
+def test_factored_decay_equals_the_materialised_decay(fn):
+    g = torch.Generator().manual_seed(7)
+    B, T, H, K, V = 2, 37, 2, 4, 6
+    q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    A = -torch.rand(H, K, V, generator=g).requires_grad_()
+    dt = torch.rand(B, T, H, V, generator=g).requires_grad_()
+    S0 = torch.randn(B, H, K, V, generator=g).requires_grad_()
+    o1, S1 = fn(q, k, v, decay_A=A, decay_dt=dt, initial_state=S0, output_final_state=True)
+    full = A * dt[:, :, :, None, :]
+    o2, S2 = ops.linear_ref(q, k, v, log_decay=full, initial_state=S0, output_final_state=True)
+    assert_close(o1, o2, torch.float32, "factored vs materialised output")
+    assert_close(S1, S2, torch.float32, "factored vs materialised state")
+    w = torch.randn(o1.shape, generator=g)
+    grads1 = torch.autograd.grad((o1 * w).sum() + S1.sum(), (A, dt, S0))
+    grads2 = torch.autograd.grad((o2 * w).sum() + S2.sum(), (A, dt, S0))
+    for a, b, name in zip(grads1, grads2, ("A", "dt", "initial state")):
+        assert_close(a, b, torch.float32, f"gradient of {name}")
+
+
+def test_factored_decay_with_cu_seqlens():
+    g = torch.Generator().manual_seed(8)
+    T, H, K, V = 20, 1, 3, 5
+    q, k = torch.randn(1, T, H, K, generator=g), torch.randn(1, T, H, K, generator=g)
+    v, dt = torch.randn(1, T, H, V, generator=g), torch.rand(1, T, H, V, generator=g)
+    A = -torch.rand(H, K, V, generator=g)
+    cu = torch.tensor([0, 7, 20])
+    packed, _ = ops.linear(q, k, v, decay_A=A, decay_dt=dt, cu_seqlens=cu)
+    pieces = [ops.linear(q[:, a:b], k[:, a:b], v[:, a:b], decay_A=A, decay_dt=dt[:, a:b])[0]
+              for a, b in ((0, 7), (7, 20))]
+    assert_close(packed, torch.cat(pieces, 1), torch.float32, "cu_seqlens vs loop")

@@ -472,12 +472,22 @@ class _GraphEmitter:
         qs, ks = self._core_qk(q, node, 2), self._core_qk(k, node, 2)
         kind = node.attr("decay_kind")
         g = "None"
+        out = self.var(node)
+        scale = repr(node.attr("scale"))
+        if node.attr("factored"):  # log decay A * dt with A [(H,) K, V] constant, dt [(H,) V]
+            A, dt = self.ref(node.inputs[7]), self.timed(log_decay, vs)
+            if not has_heads:
+                A, dt = f"{A}.unsqueeze(0)", f"{dt}.unsqueeze(2)"
+            call = (f"rt.linear({qs}, {ks}, {vs}, None, {scale}, state.get({slot!r}), cu_seqlens, "
+                    f"reference, decay_A={A}, decay_dt={dt})")
+            self.fwd.append(f"{out}, new_state[{slot!r}] = {call}")
+            if not has_heads:
+                self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
+            return
         if kind != "none":
             g = self.timed(log_decay, vs)
             if not has_heads:  # [B, T] -> [B, T, 1]; [B, T, K(, V)] -> [B, T, 1, K(, V)]
                 g = f"{g}.unsqueeze(2)" if self.rank(log_decay) else f"{g}.unsqueeze(-1)"
-        out = self.var(node)
-        scale = repr(node.attr("scale"))
         if kind == "complex_key":
             phase = self.timed(node.inputs[7], vs)
             if not has_heads:

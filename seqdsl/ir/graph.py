@@ -143,6 +143,15 @@ class Graph:
                 g._g.remove_node(nid)
         return g
 
+    def time_varying(self) -> set[int]:
+        """Nodes whose value changes from token to token: everything downstream of an INPUT.
+        The rest (parameters, constants, shared tables, the layer index) is per-token constant."""
+        out: set[int] = set()
+        for node in self.nodes():
+            if node.op.value == "input" or any(i in out for i in node.inputs):
+                out.add(node.id)
+        return out
+
     def subgraphs(self) -> Iterator["Graph"]:
         """Graphs nested in node attributes (the expert body of EXPERTS nodes), recursively."""
         for n in self.nodes():

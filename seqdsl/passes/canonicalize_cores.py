@@ -30,6 +30,7 @@ def _is_none(g: Graph, nid: int) -> bool:
 
 def canonicalize_graph(g: Graph) -> Graph:
     g = g.copy()
+    varying = g.time_varying()
     for node in list(g.nodes()):
         if node.op not in _DECAY_POS:
             continue
@@ -46,15 +47,40 @@ def canonicalize_graph(g: Graph) -> Graph:
                 inputs[pl] = log_mag
                 inputs[pd] = _const(g, None, decay.span, node.scope)
                 inputs.append(phase)  # the phase rides as an extra, last input
+                node = node.with_attrs(extras=("phase",))
                 lowering.append("complex decay -> real log decay on 2*key_dim + data-dependent rotary of q, k")
             else:
                 inputs[pl] = _log_of(g, inputs[pd], decay, decay.type)
                 inputs[pd] = _const(g, None, decay.span, node.scope)
+        if node.attr("decay_kind") == "key_value":
+            factors = _factored(g, inputs[pl], varying)
+            if factors is not None:  # keep A * dt factored: no [T, K, V] tensor in the forward
+                inputs[pl] = factors[1]
+                inputs.append(factors[0])
+                node = node.with_attrs(factored=True, extras=("decay_A",))
+                lowering.append("[K, V] decay kept factored as A * dt (A per-token constant)")
         if node.op is Op.DELTA and (node.attr("steps") or 1) > 1:
             lowering.append(f"{node.attr('steps')} Householder steps -> delta over T * steps "
                             "interleaved sub-tokens (gate on the first, read on the last)")
         g.set(node.replace(inputs=tuple(inputs)).with_attrs(log_space=True, lowering=tuple(lowering)))
     return g.prune()
+
+
+def _factored(g: Graph, nid: int, varying: set[int]) -> tuple[int, int] | None:
+    """A [.., K, V] log decay written A * dt, with A constant over time and dt [.., V] varying:
+    the selective-SSM form. Returns (A, dt) node ids, or None."""
+    node = g.node(nid)
+    if node.op is not Op.MUL:
+        return None
+    out = node.type.sizes
+    for a, b in (node.inputs, tuple(reversed(node.inputs))):
+        ta, tb = g.node(a).type, g.node(b).type
+        if not (isinstance(ta, TensorType) and isinstance(tb, TensorType)):
+            continue
+        if a not in varying and b in varying and ta.sizes == out and \
+                tb.sizes == out[:-2] + out[-1:]:
+            return a, b
+    return None
 
 
 def _split_complex(g: Graph, decay) -> tuple[int, int]:
