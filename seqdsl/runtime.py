@@ -108,9 +108,15 @@ class CausalConv1d(nn.Module):
         if tail is None:
             tail = x.new_zeros(B, self.width - 1, C)
         xp = torch.cat([tail.to(x.dtype), x], dim=1)                  # [B, width - 1 + T, C]
-        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype),
-                     None if self.bias is None else self.bias.to(x.dtype), groups=C)
-        return y.transpose(1, 2), xp[:, xp.shape[1] - (self.width - 1):]
+        # a short depthwise filter is `width` shifted multiply-adds; on a CPU this beats
+        # F.conv1d (oneDNN) by far for small T, decoding included
+        w = self.weight[:, 0].to(x.dtype)                             # [C, width]
+        y = xp[:, :T] * w[:, 0]
+        for j in range(1, self.width):
+            y = y + xp[:, j:j + T] * w[:, j]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y, xp[:, xp.shape[1] - (self.width - 1):]
 
 
 def _per_sequence(fn, x, state, cu_seqlens):
