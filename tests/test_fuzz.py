@@ -181,7 +181,7 @@ def _extend(children):
 EXPRESSIONS = st.recursive(st.sampled_from(LEAVES), _extend, max_leaves=8)
 
 
-@fuzz_settings(700)
+@fuzz_settings(600)
 @given(EXPRESSIONS)
 def test_random_expression(expr):
     """Well-formed but random expressions: they get past the parser to the semantic checks."""
@@ -244,7 +244,7 @@ def mutate(data, text: str) -> str:
     return "".join(toks)
 
 
-@fuzz_settings(900)
+@fuzz_settings(800)
 @given(st.data())
 def test_mutated_specs(data):
     path = data.draw(st.sampled_from(SPEC_FILES), label="spec")
