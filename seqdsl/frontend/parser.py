@@ -59,20 +59,12 @@ class _BracketPostLex:
             yield tok
 
 
-def _edit_terminal(t) -> None:
-    # lark tries terminals of equal priority in order of pattern width, then pattern length, so
-    # MUL_OP's "*" would shadow "**": POW_OP must be tried first
-    if t.name == "POW_OP":
-        t.priority = max(t.priority, 1)
-
-
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     text = importlib.resources.files("seqdsl.grammar").joinpath("seq.lark").read_text()
     postlex = _BracketPostLex()
     lark = Lark(text, parser="lalr", lexer="contextual", postlex=postlex,
-                propagate_positions=True, maybe_placeholders=True, start=["start", "expr"],
-                edit_terminals=_edit_terminal)
+                propagate_positions=True, maybe_placeholders=True, start=["start", "expr"])
     postlex.keywords = {t.pattern.value: t.name for t in lark.terminals
                         if isinstance(t.pattern, PatternStr) and t.pattern.value.isidentifier()}
     return lark
