@@ -97,11 +97,14 @@ def peak_memory(fn) -> int:
 
 # ---- layers ----------------------------------------------------------------------------------
 
-def _block(spec: str, **overrides):
-    module = seqdsl.compile(SPECS / spec, **overrides)
+def _mixer_only(spec: str, mixer: str, **overrides):
+    """A one-layer model whose block is just `x + mixer(x)`: the unit transformers' mixer
+    classes implement (no norm, no MLP)."""
+    text = (f'import "{spec}"\nmodel bench(vocab = 100, d = 64) {{ layers = [b] }}\n'
+            f"block b {{ x = x + {mixer}(x) }}\n")
+    module = seqdsl.compile(SPECS / "_bench.seq", text=text, **overrides)
     torch.manual_seed(0)
-    model = module.Model().eval()
-    return model.layers[0]
+    return module.Model().eval().layers[0]
 
 
 def layer_rows(lengths, repeats):
@@ -110,16 +113,16 @@ def layer_rows(lengths, repeats):
     mamba_cfg = tf.MambaConfig(hidden_size=768, state_size=16, expand=2, conv_kernel=4,
                                num_hidden_layers=1, vocab_size=100)
     hf_mamba = tf.models.mamba.modeling_mamba.MambaMixer(mamba_cfg, layer_idx=0).eval()
-    ours_mamba = _block("mamba.seq", vocab=100, depth=1)
+    ours_mamba = _mixer_only("mamba.seq", "mamba", d=768)
     m2_cfg = tf.Mamba2Config(hidden_size=768, state_size=128, expand=2, head_dim=64, n_groups=1,
                              num_heads=24, conv_kernel=4, num_hidden_layers=1, vocab_size=100)
     hf_mamba2 = tf.models.mamba2.modeling_mamba2.Mamba2Mixer(m2_cfg, layer_idx=0).eval()
-    ours_mamba2 = _block("mamba2.seq", vocab=100, depth=1)
+    ours_mamba2 = _mixer_only("mamba2.seq", "mamba2", d=768)
     rg_cfg = tf.RecurrentGemmaConfig(hidden_size=1024, lru_width=1024, num_attention_heads=8,
                                      num_hidden_layers=1, vocab_size=100,
                                      block_types=["recurrent"])
     hf_rg = tf.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock(rg_cfg, layer_idx=0).eval()
-    ours_rg = _block("hawk.seq", vocab=100, depth=1, d=1024, **{"rglru.heads": 8})
+    ours_rg = _mixer_only("griffin.seq", "rglru", d=1024, **{"rglru.heads": 8})
 
     def ours(block, x):
         return lambda: block(x, {}, None, 0)
@@ -130,11 +133,11 @@ def layer_rows(lengths, repeats):
             xr = torch.randn(1, T, 1024)
             pos = torch.arange(T)[None]
             cases = [
-                ("Mamba layer vs MambaMixer (slow path)", ours(ours_mamba, x),
+                ("Mamba mixer vs MambaMixer (CPU path)", ours(ours_mamba, x),
                  lambda: hf_mamba(x)),
-                ("Mamba-2 layer vs Mamba2Mixer (torch path)", ours(ours_mamba2, x),
+                ("Mamba-2 mixer vs Mamba2Mixer (torch path)", ours(ours_mamba2, x),
                  lambda: hf_mamba2(x)),
-                ("Hawk/Griffin recurrent block vs RecurrentGemma", ours(ours_rg, xr),
+                ("Griffin RG-LRU mixer vs RecurrentGemma recurrent block", ours(ours_rg, xr),
                  lambda: hf_rg(xr, pos, None, use_cache=False)),
             ]
             for name, fast, peer in cases:

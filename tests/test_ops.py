@@ -641,3 +641,16 @@ def test_factored_decay_with_cu_seqlens():
     pieces = [ops.linear(q[:, a:b], k[:, a:b], v[:, a:b], decay_A=A, decay_dt=dt[:, a:b])[0]
               for a, b in ((0, 7), (7, 20))]
     assert_close(packed, torch.cat(pieces, 1), torch.float32, "cu_seqlens vs loop")
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 300])
+def test_blocked_scan_equals_doubling_and_the_loop(T):
+    g = torch.Generator().manual_seed(T)
+    a = torch.rand(2, T, 3, 40, generator=g) * 1.5 - 0.25   # signed, some |a| > 1
+    b = torch.randn(2, T, 3, 40, generator=g)
+    h0 = torch.randn(2, 3, 40, generator=g)
+    blocked = ops.blocked_scan(a, b, h0)
+    doubling = ops.associative_scan(a, b, h0)
+    loop, _ = ops.scan_ref(a.double(), b.double(), h0.double())
+    assert_close(blocked, loop.float(), torch.float32, "blocked vs float64 loop")
+    assert_close(doubling, loop.float(), torch.float32, "doubling vs float64 loop")

@@ -20,11 +20,11 @@ from .attention import apply_rope, attention, attention_decode, attention_ref
 from .complex_decay import linear_complex, linear_complex_ref
 from .delta import delta, delta_interleave, delta_ref
 from .linear import linear, linear_ref
-from .scan import associative_scan, scan, scan_ref
+from .scan import associative_scan, blocked_scan, scan, scan_ref
 from .tolerances import TOLERANCES, assert_close
 
 __all__ = [
-    "scan", "scan_ref", "associative_scan",
+    "scan", "scan_ref", "associative_scan", "blocked_scan",
     "linear", "linear_ref", "linear_complex", "linear_complex_ref",
     "delta", "delta_ref", "delta_interleave",
     "attention", "attention_ref", "attention_decode", "apply_rope",
