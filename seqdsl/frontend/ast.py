@@ -183,29 +183,27 @@ class Module:
     models: tuple[ModelDef, ...]
 
 
+def children(expr: Expr) -> tuple[Expr, ...]:
+    """The direct sub-expressions of ``expr``, in source order."""
+    if isinstance(expr, BinOp):
+        return (expr.left, expr.right)
+    if isinstance(expr, UnaryOp):
+        return (expr.operand,)
+    if isinstance(expr, IfExp):
+        return (expr.cond, expr.then, expr.orelse)
+    if isinstance(expr, Call):
+        return expr.args + tuple(k.value for k in expr.kwargs)
+    if isinstance(expr, Index):
+        return (expr.value, expr.index)
+    if isinstance(expr, ListExpr):
+        return expr.items
+    if isinstance(expr, Comprehension):
+        return (expr.element, expr.iterable)
+    return ()
+
+
 def walk(expr: Expr):
     """Yield ``expr`` and every sub-expression, depth first."""
     yield expr
-    if isinstance(expr, BinOp):
-        yield from walk(expr.left)
-        yield from walk(expr.right)
-    elif isinstance(expr, UnaryOp):
-        yield from walk(expr.operand)
-    elif isinstance(expr, IfExp):
-        yield from walk(expr.cond)
-        yield from walk(expr.then)
-        yield from walk(expr.orelse)
-    elif isinstance(expr, Call):
-        for a in expr.args:
-            yield from walk(a)
-        for k in expr.kwargs:
-            yield from walk(k.value)
-    elif isinstance(expr, Index):
-        yield from walk(expr.value)
-        yield from walk(expr.index)
-    elif isinstance(expr, ListExpr):
-        for item in expr.items:
-            yield from walk(item)
-    elif isinstance(expr, Comprehension):
-        yield from walk(expr.element)
-        yield from walk(expr.iterable)
+    for child in children(expr):
+        yield from walk(child)

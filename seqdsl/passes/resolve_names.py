@@ -40,7 +40,7 @@ class _Resolver:
         elif isinstance(e, ast.Comprehension):
             raise error(e.span, "comprehensions are only allowed in the model's layer pattern")
         else:
-            for child in _children(e):
+            for child in ast.children(e):  # calls and comprehensions are handled above
                 self.expr(child, env, where)
 
     def name(self, e: ast.Name, env: set[str]) -> None:
@@ -188,20 +188,6 @@ class _Resolver:
             if state.get(name) is None:
                 with self.collector.guard():
                     visit(name, [name])
-
-
-def _children(e: ast.Expr):
-    if isinstance(e, ast.BinOp):
-        return (e.left, e.right)
-    if isinstance(e, ast.UnaryOp):
-        return (e.operand,)
-    if isinstance(e, ast.IfExp):
-        return (e.cond, e.then, e.orelse)
-    if isinstance(e, ast.Index):
-        return (e.value, e.index)
-    if isinstance(e, ast.ListExpr):
-        return e.items
-    return ()
 
 
 def resolve_names(program: Program) -> Program:
