@@ -117,11 +117,13 @@ def test_parameter_count_and_state_size_match_info(compiled):
     assert sum(p.numel() for p in model.parameters()) == info.total_params
     T = 9
     _, state = model(_ids(model, B=1, T=T))
-    carried = 0
-    for layer_state in state:
-        for value in layer_state.values():
-            tensors = value[:2] if isinstance(value, tuple) else (value,)
-            carried += sum(t.numel() * t.element_size() for t in tensors)
+    def nbytes(value) -> int:  # a layer's state nests one dict per sub-module
+        if isinstance(value, dict):
+            return sum(nbytes(v) for v in value.values())
+        tensors = value[:2] if isinstance(value, tuple) else (value,)  # KV: (k, v, seen)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    carried = sum(nbytes(layer_state) for layer_state in state)
     # recurrent states and conv tails as info computes them; KV caches hold the tokens seen so
     # far, at most window - 1 of them
     expected = 0

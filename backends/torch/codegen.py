@@ -27,7 +27,7 @@ from seqdsl.ir.types import ConstType, TensorType
 TEMPLATES = Path(__file__).parent / "templates"
 
 _RESERVED = set(keyword.kwlist) | set(dir(builtins)) | {
-    "self", "x", "state", "shared", "new_state", "cu_seqlens", "reference", "layer_idx", "torch",
+    "self", "state", "shared", "new_state", "cu_seqlens", "reference", "layer_idx", "torch",
     "nn", "F", "rt", "math", "config", "Config", "Model"}
 
 _UNARY = {Op.NEG: "-{}", Op.SIGMOID: "torch.sigmoid({})", Op.SILU: "F.silu({})",
@@ -86,9 +86,8 @@ class ModuleView:
     forward_lines: list[str] = field(default_factory=list)
     inits: list[ParamInit] = field(default_factory=list)
     states: list[str] = field(default_factory=list)
-    extra_classes: list["ModuleView"] = field(default_factory=list)
     forward_args: str = ""
-    returns: str = ""
+    stateful: bool = True  # forward(..., state, shared, layer_idx, ...) -> (out, new_state)
 
 
 class _GraphEmitter:
@@ -110,15 +109,17 @@ class _GraphEmitter:
         self.shared_names = shared_names
         self.nodes = nodes if nodes is not None else list(g.nodes())
         self.states: list[str] = []
-        self.extra: list[ModuleView] = []
         self.fp32: set[int] = set()
         self.current: int | None = None
-        self.expert_classes = 0
         self.class_prefix = "Expert"
-        self.scope_prefix: tuple[str, ...] = ()  # stripped from attribute paths (expert bodies)
+        self.scope_prefix: tuple[str, ...] = ()  # stripped from attribute paths (sub-modules)
+        self.dtype_of = "x"  # a tensor whose dtype is the activation dtype
+        self.registry: "ClassRegistry | None" = None
         regions = [n.attr("region") for n in self.nodes if n.op is Op.EXPERTS]
         self.in_region = {n.id for n in self.nodes
                           if any(n.scope[:len(r)] == r for r in regions)}
+        self.submodules: dict[tuple[str, ...], dict] = {}  # call scope -> its nodes and interface
+        self.in_submodule: dict[int, tuple[str, ...]] = {}
 
     # -- helpers
     def t(self, nid: int) -> TensorType:
@@ -143,7 +144,7 @@ class _GraphEmitter:
         elif self.current not in self.fp32 and nid in self.fp32 and self.current is not None \
                 and self.g.node(self.current).op not in self._GATES:
             if isinstance(t, TensorType) and t.dtype == "real":
-                return f"{name}.to(x.dtype)"  # back to the activation dtype
+                return f"{name}.to({self.dtype_of}.dtype)"  # back to the activation dtype
         return name
 
     def varies(self, nid: int) -> bool:
@@ -191,7 +192,8 @@ class _GraphEmitter:
         return r if self.varies(nid) else f"rt.along_time({r}, {like})"
 
     def state_slot(self, node) -> str:
-        key = ".".join(node.scope + ((node.name,) if node.name else (node.op.value,)))
+        scope = node.scope[len(self.scope_prefix):]
+        key = ".".join(scope + ((node.name,) if node.name else (node.op.value,)))
         self.states.append(key)
         return key
 
@@ -217,9 +219,78 @@ class _GraphEmitter:
         return out
 
     # -- driver
+    def split_submodules(self) -> None:
+        """Calls of mixers, channels and fns made at this level become modules of their own."""
+        depth = len(self.scope_prefix) + 1
+        ids = {n.id for n in self.nodes}
+        for scope, info in self.g.scopes.items():
+            if len(scope) != depth or scope[:-1] != self.scope_prefix or scope[-1].startswith("experts"):
+                continue
+            inside = [n for n in self.nodes if n.scope[:depth] == scope]
+            if not inside:
+                continue
+            inside_ids = {n.id for n in inside}
+            outputs = sorted({n.id for n in inside for u in self.g.users(n.id)
+                              if u in ids and u not in inside_ids})
+            if len(outputs) != 1:
+                continue  # not a plain call (nothing or several values leave it): keep it inline
+            inputs = []
+            for n in inside:
+                for i in n.inputs:
+                    if i not in inside_ids and self.g.node(i).op is not Op.CONST and i not in inputs:
+                        inputs.append(i)
+            self.submodules[scope] = {"nodes": inside, "output": outputs[0], "inputs": inputs,
+                                      "info": info}
+            for n in inside:
+                self.in_submodule[n.id] = scope
+
+    def emit_submodule(self, scope) -> None:
+        sub = self.submodules[scope]
+        defname, kind, _, declared = sub["info"][:4]
+        by_node = {nid: name for name, nid in declared}
+        ns = Namespace({"state", "shared", "layer_idx", "cu_seqlens", "reference"})
+        names = {i: ns.name(by_node.get(i, f"in{k}")) for k, i in enumerate(sub["inputs"])}
+        em = _GraphEmitter(self.g, self.shared_names, nodes=sub["nodes"], inputs=names)
+        em.scope_prefix = scope
+        em.registry = self.registry
+        em.class_prefix = camel(defname) + "Expert"
+        em.dtype_of = next(iter(names.values()), "x")
+        for i in sub["inputs"]:
+            em.tv[i] = self.varies(i)
+        em.split_submodules()
+        em.run()
+        em.fwd.append(f"return {em.ref(sub['output'])}")
+        d = self.registry.program.spec.definitions[defname]
+        # a module without state, shared values or the layer index takes just its inputs
+        stateful = bool(em.states) or any(n.op in (Op.SHARED, Op.LAYER_INDEX) for n in sub["nodes"])
+        view = ModuleView(camel(defname), f"The {kind} `{defname}`.",
+                          _spec_ref(d.name_span, self.registry.program.spec.path), em.init, em.fwd,
+                          em.inits, em.states, forward_args=", ".join(names.values()),
+                          stateful=stateful)
+        cls = self.registry.add(view)
+        attr = scope[-1]
+        self.init.append(f"{self.owner}.{attr} = {cls}()")
+        out_node = self.g.node(sub["output"])
+        self.tv[sub["output"]] = any(self.varies(i) for i in sub["inputs"])
+        args = ", ".join(self.ref(i) for i in sub["inputs"])
+        call = f"{self.owner}.{attr}({args}"
+        v = self.var(out_node)
+        if stateful:
+            self.fwd.append(f"{v}, new_state[{attr!r}] = {call}, state.get({attr!r}, {{}}), shared, "
+                            f"layer_idx, cu_seqlens, reference){self.comment(out_node)}")
+            self.states.append(attr)
+        else:
+            self.fwd.append(f"{v} = {call}){self.comment(out_node)}")
+
     def run(self) -> None:
         self.fp32 = self._fp32_nodes()
         for node in self.nodes:
+            if node.id in self.in_submodule:
+                scope = self.in_submodule[node.id]
+                if node.id == self.submodules[scope]["output"]:
+                    self.current = None
+                    self.emit_submodule(scope)
+                continue
             if node.id in self.vars or node.id in self.in_region:
                 continue
             self.current = node.id
@@ -418,20 +489,20 @@ class _GraphEmitter:
                     outside_inputs.append(i)
         out_id = node.inputs[0]
         n_experts = self.t(node.inputs[1]).shape[0].size
-        self.expert_classes += 1
-        cls = f"{self.class_prefix}{self.expert_classes}"
+        cls = self.class_prefix
         names = {i: f"in{k}" for k, i in enumerate(outside_inputs)}
         sub = _GraphEmitter(self.g, self.shared_names, owner="self", nodes=inside, inputs=names)
         sub.scope_prefix = region
+        sub.registry = self.registry
         sub.in_region = set()
         for i in outside_inputs:
             sub.tv[i] = False  # inside an expert, inputs are [N, *S] rows of tokens
         sub.run()
         sub.fwd.append(f"return {sub.ref(out_id)}")
-        view = ModuleView(cls, f"One expert of `{region[-1]}` (instantiated {n_experts} times).",
-                          "", sub.init, sub.fwd, sub.inits, [], sub.extra,
-                          forward_args=", ".join(names[i] for i in outside_inputs))
-        self.extra.append(view)
+        view = ModuleView(cls, f"One expert (instantiated {n_experts} times).",
+                          "", sub.init, sub.fwd, sub.inits, [],
+                          forward_args=", ".join(names[i] for i in outside_inputs), stateful=False)
+        cls = self.registry.add(view)
         path = self.attr(node.replace(name="experts", scope=node.scope))
         self.init.append(f"{path} = nn.ModuleList([{cls}() for _ in range({n_experts})])")
         args = ", ".join(self.ref(i) for i in outside_inputs)
@@ -463,7 +534,7 @@ class _GraphEmitter:
         v = self.var(node)
         self.fwd.append(f"{v}, new_state[{slot!r}] = rt.scan({av}, {self.ref(b)}, "
                         f"state.get({slot!r}), cu_seqlens, reference)")
-        self.fwd.append(f"{v} = {v}.to(x.dtype){self.comment(node)}")
+        self.fwd.append(f"{v} = {v}.to({self.dtype_of}.dtype){self.comment(node)}")
 
     def op_linear(self, node):
         q, k, v, _, log_decay, _, _ = node.inputs[:7]
@@ -536,47 +607,72 @@ def _spec_ref(span, entry: str) -> str:
     return f"{_relative(span.path, entry)}:{span.line}"
 
 
-def _block_view(program: Program, name: str, graph: Graph, doc: str, spec_ref: str,
-                shared: dict[str, str]) -> ModuleView:
-    em = _GraphEmitter(graph, shared)
+class ClassRegistry:
+    """Every generated class, in definition order, once: a mixer called identically from several
+    blocks (same generated code) is one class; different specialisations get numbered names."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.views: list[ModuleView] = []
+        self._by_body: dict[tuple, str] = {}
+        self._names = Namespace({"Block"})
+
+    def add(self, view: ModuleView) -> str:
+        body = (tuple(view.init_lines), tuple(view.forward_lines), view.forward_args,
+                tuple((p.target, p.rule) for p in view.inits), view.doc)
+        if body in self._by_body:
+            return self._by_body[body]
+        view.class_name = self._names.name(view.class_name)
+        self._by_body[body] = view.class_name
+        self.views.append(view)
+        return view.class_name
+
+
+def _block_view(registry: ClassRegistry, name: str, graph: Graph, doc: str, spec_ref: str,
+                class_name: str | None = None) -> str:
+    em = _GraphEmitter(graph, {})
+    em.registry = registry
     em.class_prefix = camel(name) + "Expert"
     x_id = graph.inputs[0][1]
     em.vars[x_id] = "x"
     em.tv[x_id] = True
+    em.split_submodules()
     em.run()
-    return ModuleView(camel(name), doc, spec_ref, em.init, em.fwd, em.inits, em.states, em.extra)
+    view = ModuleView(class_name or camel(name), doc, spec_ref, em.init, em.fwd, em.inits,
+                      em.states, forward_args="x")
+    return registry.add(view)
 
 
-def _shared_view(program: Program) -> ModuleView | None:
+def _shared_view(registry: ClassRegistry) -> str | None:
+    program = registry.program
     if program.shared is None:
         return None
     g = program.shared
     em = _GraphEmitter(g, {})
+    em.registry = registry
     em.run()
     outputs = ", ".join(f"{n!r}: {em.ref(nid)}" for n, nid in program.shared_outputs.items())
     em.fwd.append(f"return {{{outputs}}}")
-    return ModuleView("SharedValues", "Cross-layer values, computed once per forward.", "",
-                      em.init, em.fwd, em.inits, [], em.extra)
+    return registry.add(ModuleView("SharedValues", "Cross-layer values, computed once per forward.",
+                                   "", em.init, em.fwd, em.inits, [], stateful=False))
 
 
 def build_view(program: Program) -> dict:
     spec = program.spec
     model = spec.model
-    shared = _shared_view(program)
-    blocks = []
+    registry = ClassRegistry(program)
+    shared = _shared_view(registry)
     class_of: dict[str, str] = {}
     for name, inst in program.blocks.items():
         args = ", ".join(f"{k}={v!r}" for k, v in inst.args)
         doc = f"Block `{inst.block}`" + (f" with {args}" if args else "") + "."
-        view = _block_view(program, name, inst.graph, doc, _spec_ref(inst.span, spec.path), {})
-        blocks.append(view)
-        class_of[name] = view.class_name
+        class_of[name] = _block_view(registry, name, inst.graph, doc,
+                                     _spec_ref(inst.span, spec.path))
     norm = None
     if program.final_norm is not None:
-        norm = _block_view(program, "final_norm", program.final_norm,
+        norm = _block_view(registry, "final_norm", program.final_norm,
                            f"The norm before the head ({program.settings.final_norm}).",
-                           _spec_ref(model.name_span, spec.path), {})
-        norm.class_name = "FinalNorm"
+                           _spec_ref(model.name_span, spec.path), class_name="FinalNorm")
     layers = [(l.index, class_of[l.instance], l.shared_group) for l in program.layers]
     s = program.settings
     config = [(k, type(v).__name__, _literal(v)) for k, v in spec.config.items()]
@@ -588,7 +684,7 @@ def build_view(program: Program) -> dict:
         "config": config,
         "def_overrides": {k: dict(v) for k, v in spec.def_overrides.items()},
         "shared": shared,
-        "blocks": blocks,
+        "modules": registry.views,
         "final_norm": norm,
         "layers": layers,
         "vocab": spec.config["vocab"],

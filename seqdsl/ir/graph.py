@@ -54,8 +54,9 @@ class Graph:
         self._next = 0
         self.inputs: list[tuple[str, int]] = []   # (name, node id) of INPUT nodes, in order
         self.output: int | None = None
-        # call scope -> (definition name, its kind, the call's span); filled by the builder
-        self.scopes: dict[tuple[str, ...], tuple[str, str, Span]] = {}
+        # call scope -> (definition name, its kind, the call's span, ((input name, node id), ...));
+        # filled by the builder
+        self.scopes: dict[tuple[str, ...], tuple] = {}
 
     # -- construction
     def add(self, op: Op, inputs: tuple[int, ...] | list[int], span: Span, *,

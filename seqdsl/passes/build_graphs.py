@@ -161,10 +161,12 @@ class _Builder:
             raise error(call.func_span, "recursive call: " + " -> ".join(self.call_stack + [d.name]))
         bound = bind(Signature.of_definition(d), call)
         inner_scope = callee_scope or self.child_scope(scope, d.name)
-        self.g.scopes[inner_scope] = (d.name, d.kind, call.span)
         inner: dict[str, int] = {}
         for name in d.inputs:
             inner[name] = self.expr(bound.args[name], env, scope)
+        # the call: definition, kind, call site, and the nodes bound to its tensor inputs
+        self.g.scopes[inner_scope] = (d.name, d.kind, call.span,
+                                      tuple((name, inner[name]) for name in d.inputs))
         overrides = self.spec.def_overrides.get(d.name, {})
         for h in d.hyper:
             if h.name in bound.args:
