@@ -206,6 +206,7 @@ class Layer:
 class ModelSettings:
     tie_embeddings: bool = False
     final_norm: str | None = "rmsnorm"
+    final_norm_call: Any = None  # the setting's call, e.g. rmsnorm(eps = 1e-5): keyword arguments
     embed_scale: float = 1.0
     logit_softcap: float | None = None
     embed_init: Any = None  # an InitRule; None: normal(std = 0.02)

@@ -191,11 +191,11 @@ class _Builder:
             self.g.set(node.replace(name=h.name))
         return nid
 
-    def final_norm(self, name: str, span) -> Graph:
+    def final_norm(self, name: str, span, keywords=()) -> Graph:
         """The norm before the head, as a graph over the residual stream."""
         x = self.g.add(Op.INPUT, (), span, name="x")
         self.g.inputs = [("x", x)]
-        call = ast.Call(name, (ast.Name("x", span),), (), span, span)
+        call = ast.Call(name, (ast.Name("x", span),), tuple(keywords), span, span)
         out = self.call(call, {"x": x}, ())
         self.g.output = self.g.add(Op.OUTPUT, (out,), span)
         return self.g.prune()
@@ -273,6 +273,8 @@ def build_graphs(program: Program) -> Program:
     if program.settings.final_norm is not None:
         with collector.guard():
             span = spec.model.setting_spans.get("final_norm", spec.model.name_span)
-            final_norm = _Builder(program, Graph()).final_norm(program.settings.final_norm, span)
+            given = program.settings.final_norm_call
+            final_norm = _Builder(program, Graph()).final_norm(
+                program.settings.final_norm, span, given.kwargs if given is not None else ())
     collector.raise_if_any()
     return program.replace(stage="build_graphs", blocks=blocks, final_norm=final_norm)

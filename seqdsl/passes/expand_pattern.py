@@ -130,8 +130,12 @@ def _settings(program: Program) -> ModelSettings:
             continue
         with collector.guard():
             if key == "final_norm":
-                name = None if isinstance(expr, ast.NoneLit) else expr.id
-                out = _replace(out, final_norm=name)
+                if isinstance(expr, ast.NoneLit):
+                    out = _replace(out, final_norm=None, final_norm_call=None)
+                else:
+                    name = expr.func if isinstance(expr, ast.Call) else expr.id
+                    out = _replace(out, final_norm=name,
+                                   final_norm_call=expr if isinstance(expr, ast.Call) else None)
                 continue
             value = ev.eval(expr)
             if key == "tie_embeddings":

@@ -158,11 +158,18 @@ class _Resolver:
         norm = m.settings.get("final_norm")
         if norm is not None and not isinstance(norm, ast.NoneLit):
             with self.collector.guard():
-                ok = isinstance(norm, ast.Name) and (
-                    norm.id in FINAL_NORMS or (norm.id in self.defs and self.defs[norm.id].kind == "fn"
-                                               and len(self.defs[norm.id].inputs) == 1))
+                # a name, or a call with keyword arguments only: rmsnorm(eps = 1e-5)
+                name = norm.func if isinstance(norm, ast.Call) and not norm.args else \
+                    norm.id if isinstance(norm, ast.Name) else None
+                ok = name is not None and (
+                    name in FINAL_NORMS or (name in self.defs and self.defs[name].kind == "fn"
+                                            and len(self.defs[name].inputs) == 1))
+                if ok and isinstance(norm, ast.Call):  # check the keywords as for a call on x
+                    x = ast.Name("x", norm.span)
+                    self.call(ast.Call(name, (x,), norm.kwargs, norm.span, norm.func_span),
+                              {"x"}, "<final_norm>")
                 if not ok:
-                    got = norm.id if isinstance(norm, ast.Name) else "an expression"
+                    got = name or ("an expression" if not isinstance(norm, ast.Name) else norm.id)
                     raise error(norm.span, f"final_norm must be rmsnorm, layernorm, a fn of one "
                                 f"input, or none; got {got}",
                                 did_you_mean(got, list(FINAL_NORMS)) if isinstance(norm, ast.Name) else None)
