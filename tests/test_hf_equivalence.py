@@ -74,3 +74,41 @@ def test_mamba_matches_transformers():
         })
     _copy(ours, hf.state_dict(), mapping)
     _compare(ours, hf, vocab)
+
+
+def test_mamba2_matches_transformers():
+    d, n, hd, layers, vocab = 32, 8, 8, 2, 64
+    e, nh = 2 * d, 2 * d // hd
+    cfg = transformers.Mamba2Config(vocab_size=vocab, hidden_size=d, state_size=n,
+                                    num_hidden_layers=layers, expand=2, head_dim=hd, num_heads=nh,
+                                    n_groups=1, conv_kernel=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.Mamba2ForCausalLM(cfg).eval()
+    module = seqdsl.compile(SPECS / "mamba2.seq", vocab=vocab, d=d, depth=layers,
+                            mamba2={"n": n, "hd": hd})
+    ours = module.Model().eval()
+    mapping = {"embed.weight": ("backbone.embeddings.weight", None),
+               "norm.rmsnorm.weight": ("backbone.norm_f.weight", None)}
+    for i in range(layers):
+        hf_l, us = f"backbone.layers.{i}.", f"layers.{i}."
+        # transformers fuses [z, x B C, dt] into one in_proj
+        rows = {"z": (0, e), "xBC": (e, 2 * e + 2 * n), "dt": (2 * e + 2 * n, 2 * e + 2 * n + nh)}
+
+        def part(key):
+            a, b = rows[key]
+            return lambda w: w[a:b]
+        mapping.update({
+            us + "rmsnorm.weight": (hf_l + "norm.weight", None),
+            us + "mamba2.z.weight": (hf_l + "mixer.in_proj.weight", part("z")),
+            us + "mamba2.u_B_C_proj.weight": (hf_l + "mixer.in_proj.weight", part("xBC")),
+            us + "mamba2.dt_proj.weight": (hf_l + "mixer.in_proj.weight", part("dt")),
+            us + "mamba2.dt_proj.bias": (hf_l + "mixer.dt_bias", None),
+            us + "mamba2.u_B_C_conv1d.weight": (hf_l + "mixer.conv1d.weight", None),
+            us + "mamba2.u_B_C_conv1d.bias": (hf_l + "mixer.conv1d.bias", None),
+            us + "mamba2.A_log": (hf_l + "mixer.A_log", None),
+            us + "mamba2.D": (hf_l + "mixer.D", None),
+            us + "mamba2.rmsnorm_gated_after.out.weight": (hf_l + "mixer.norm.weight", None),
+            us + "mamba2.out.weight": (hf_l + "mixer.out_proj.weight", None),
+        })
+    _copy(ours, hf.state_dict(), mapping)
+    _compare(ours, hf, vocab)

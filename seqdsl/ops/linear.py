@@ -62,6 +62,26 @@ def _as_state_decay(log_decay: Tensor | None) -> Tensor | None:
     return log_decay[..., None]
 
 
+def _check_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
+    """(q/k heads, value heads), after checking that the first divides the second."""
+    Hq, H = q.shape[2], v.shape[2]
+    if k.shape[2] != Hq or H % Hq:
+        raise ValueError(f"linear: q/k heads ({Hq}, {k.shape[2]}) must be equal and divide "
+                         f"the {H} value heads")
+    return Hq, H
+
+
+def _expand_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k with ``Hq`` heads (``Hq`` dividing v's ``H``) -> H heads: value head h reads q/k head
+    ``h // (H / Hq)``. A view when ``Hq`` is 1 (shared q/k), a copy otherwise."""
+    Hq, H = _check_heads(q, k, v)
+    if Hq == H:
+        return q, k, v
+    if Hq == 1:
+        return q.expand(*q.shape[:2], H, -1), k.expand(*k.shape[:2], H, -1), v
+    return q.repeat_interleave(H // Hq, dim=2), k.repeat_interleave(H // Hq, dim=2), v
+
+
 # --------------------------------------------------------------------------------------------
 # sequential reference
 # --------------------------------------------------------------------------------------------
@@ -95,6 +115,7 @@ def linear_ref(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     q, k, v, g, S, out_dtype, scale = _prepare(q, k, v, log_decay, initial_state, scale)
     factors = _factored(decay_A, decay_dt, q.dtype)
     g = _as_state_decay(g)
+    q, k, v = _expand_heads(q, k, v)
     B, T, H, K = q.shape
     if S is None:
         S = q.new_zeros(B, H, K, v.shape[-1])
@@ -147,49 +168,135 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     if factors is not None:
         if g is not None:
             raise ValueError("give log_decay or decay_A/decay_dt, not both")
-        o, S = _chunk_loop_state_decay(q * scale, k, v, factors, S0, chunk_size)
+        o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), factors, S0, chunk_size)
     elif g is not None and g.ndim == 5:
-        o, S = _chunk_loop_state_decay(q * scale, k, v, g, S0, chunk_size)
+        o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
+    elif g is not None and g.ndim == 4:
+        o, S = _chunked_per_key(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
     else:
-        if g is None:
-            g = q.new_zeros(q.shape[:3])
-        o, S = _chunked_diagonal(q * scale, k, v, g, S0, chunk_size)
+        _check_heads(q, k, v)
+        o, S = _chunked_scalar(q * scale, k, v, g, S0, chunk_size)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _chunked_diagonal(q, k, v, g, S0, chunk):
-    """Chunked form for a scalar ``[B, T, H]`` or per-key ``[B, T, H, K]`` log decay.
+def _chunked_scalar(q, k, v, g, S0, chunk):
+    """Chunked form for no decay (``g`` None) or a scalar ``[B, T, H]`` log decay: the Mamba-2
+    SSD algorithm, every chunk at once in a few large matmuls.
+
+    q, k ``[B, T, Hq, K]`` with ``Hq`` dividing ``H`` (value head h reads q/k head
+    ``h // (H / Hq)``), v ``[B, T, H, V]``. Within a chunk, with ``G_i`` the log decay accumulated
+    from the chunk start through step i (``G_C``: the chunk total):
+
+      o_i = Σ_{j<=i} e^{G_i - G_j} (q_i·k_j) v_j  +  e^{G_i} q_i S_prev              (intra + inter)
+      S   = e^{G_C} S_prev + Σ_j k_j (e^{G_C - G_j} v_j)ᵀ                            (chunk write)
+
+    Every exponent is <= 0 for a contracting decay. The decay being a scalar per step, it sits
+    on the value side (``e^{G_C - G_j} v_j``) and on the output (``e^{G_i} (q_i S_prev)``), so
+    q and k enter only plain matmuls: ``q kᵀ`` once per q/k head and, when heads share q/k, the
+    state matmuls run over all ``r = H / Hq`` value heads at once (``[C, K] @ [K, r·V]``).
+    The cumulative sums of the decay are taken in float64 so that their differences
+    ``G_i - G_j`` carry no cancellation error however strong the decay.
+    """
+    B, T, Hq, K = q.shape
+    H, V = v.shape[2:]
+    r, C = H // Hq, chunk
+    qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
+    vc = to_chunks(v.reshape(B, T, Hq, r * V), C)                    # [B, Hq, n, C, r·V]
+    n = qc.shape[2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    scores = qc @ kc.mT                                              # [B, Hq, n, C, C]
+
+    if g is None:  # no decay: one causal score matrix for all r value heads
+        o = (scores * causal) @ vc                                   # [B, Hq, n, C, r·V]
+        writes = kc.mT @ vc                                          # [B, Hq, n, K, r·V]
+        S_prev, S = _pass_states(None, writes.view(B * Hq, n, K, r, V), _group_state(S0, Hq))
+        o = o + qc @ S_prev.view(B, Hq, n, K, r * V)
+    else:
+        gc = to_chunks(g.reshape(B, T, Hq, r), C).mT                 # [B, Hq, n, r, C]
+        G = gc.double().cumsum(-1)                                   # float64: see above
+        # e^{G_i - G_j} for j <= i, 0 above the diagonal (clamped first: no exp(> 0))
+        decay = torch.exp((G[..., :, None] - G[..., None, :]).to(q.dtype).clamp_max(0)) * causal
+        v_heads = vc.view(B, Hq, n, C, r, V).transpose(3, 4)             # [B, Hq, n, r, C, V]
+        intra = (scores[:, :, :, None] * decay) @ v_heads            # [B, Hq, n, r, C, V]
+        to_end = torch.exp(G[..., -1:] - G).to(q.dtype).mT[..., None]   # [B, Hq, n, C, r, 1]
+        writes = kc.mT @ (vc.view(B, Hq, n, C, r, V) * to_end).view(B, Hq, n, C, r * V)
+        chunk_decay = torch.exp(G[..., -1]).to(q.dtype)              # [B, Hq, n, r]
+        S_prev, S = _pass_states(chunk_decay.view(B * Hq, n, 1, r, 1),
+                                 writes.view(B * Hq, n, K, r, V), _group_state(S0, Hq))
+        inter = qc @ S_prev.view(B, Hq, n, K, r * V)                 # [B, Hq, n, C, r·V]
+        from_start = torch.exp(G).to(q.dtype).mT[..., None]          # [B, Hq, n, C, r, 1]
+        o = inter.view(B, Hq, n, C, r, V) * from_start + intra.transpose(3, 4)
+    o = from_chunks(o.view(B, Hq, n, C, r * V), T).reshape(B, T, H, V)
+    return o, _ungroup_state(S, B)
+
+
+def _group_state(S: Tensor | None, groups: int) -> Tensor | None:
+    """``[B, H, K, V]`` -> ``[B·Hq, K, r, V]``: the layout of the grouped state matmuls."""
+    if S is None:
+        return None
+    B, H, K, V = S.shape
+    return S.view(B, groups, H // groups, K, V).transpose(2, 3).reshape(B * groups, K, -1, V)
+
+
+def _ungroup_state(S: Tensor, batch: int) -> Tensor:
+    """``[B·Hq, K, r, V]`` -> ``[B, H, K, V]``."""
+    N, K, r, V = S.shape
+    return S.view(batch, N // batch, K, r, V).transpose(2, 3).reshape(batch, -1, K, V)
+
+
+def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
+    """The chunk-to-chunk recurrence ``S_c = decay_c ⊙ S_{c-1} + writes_c`` over dim 1.
+
+    ``writes [N, n, *S]``, ``decay`` broadcastable to it (None: no decay), ``S0 [N, *S]`` or None.
+    Returns the states entering each chunk ``[N, n, *S]`` and the final state ``[N, *S]``.
+    A sequential loop of n fused multiply-adds: O(n) work where a parallel scan does O(n log n)
+    and the Mamba-2 ``exp(segsum) @ writes`` matrix O(n²); without autograd the states are
+    written straight into the output buffer.
+    """
+    n = writes.shape[1]
+    S = torch.zeros_like(writes[:, 0]) if S0 is None else S0
+    if torch.is_grad_enabled() and (writes.requires_grad or S.requires_grad
+                                    or (decay is not None and decay.requires_grad)):
+        entering = []
+        for c in range(n):
+            entering.append(S)
+            S = writes[:, c] + (S if decay is None else decay[:, c] * S)
+        return torch.stack(entering, dim=1), S
+    entering = torch.empty_like(writes)
+    entering[:, 0] = S
+    for c in range(n - 1):
+        if decay is None:
+            torch.add(writes[:, c], entering[:, c], out=entering[:, c + 1])
+        else:
+            torch.addcmul(writes[:, c], decay[:, c], entering[:, c], out=entering[:, c + 1])
+    last = writes[:, -1] + (entering[:, -1] if decay is None else decay[:, -1] * entering[:, -1])
+    return entering, last
+
+
+def _chunked_per_key(q, k, v, g, S0, chunk):
+    """Chunked form for a per-key ``[B, T, H, K]`` log decay.
 
     Within a chunk, with ``G_i`` the log decay accumulated from the chunk start through step i:
       o_i = Σ_{j<=i} (q_i ⊙ e^{G_i - G_j})·k_j v_j  +  (q_i ⊙ e^{G_i}) S_prev        (intra + inter)
       S   = e^{G_C} ⊙ S_prev + Σ_j (k_j ⊙ e^{G_C - G_j}) v_jᵀ                        (state passing)
-    Every exponent above is <= 0 for a contracting decay. The chunk-to-chunk recurrence on S is
-    itself an elementwise scan, run in parallel with :func:`associative_scan`.
+    Every exponent above is <= 0 for a contracting decay; the intra-chunk scores come from
+    :func:`_intra_scores_per_key`, the chunk-to-chunk recurrence from :func:`_pass_states`.
     """
     B, T, H, K = q.shape
-    per_key = g.ndim == 4
     qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
-    gc = to_chunks(g if per_key else g[..., None], chunk)  # [B, H, n, C, K or 1]
+    gc = to_chunks(g, chunk)                                                    # [B, H, n, C, K]
+    n = qc.shape[2]
+    o = _intra_scores_per_key(qc, kc, gc) @ vc                      # [B, H, n, C, V]
 
-    if per_key:
-        scores = _intra_scores_per_key(qc, kc, gc)                      # [B, H, n, C, C]
-    else:
-        scores = (qc @ kc.mT) * torch.exp(segsum(gc[..., 0]))          # [B, H, n, C, C]
-    o = scores @ vc                                                     # [B, H, n, C, V]
-
-    G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
-    q_in = qc * torch.exp(G)                              # reads the state entering the chunk
-    k_out = kc * torch.exp(cumsum_to_end(gc, 3))          # decays each write to the chunk end
-    chunk_states = k_out.mT @ vc                          # [B, H, n, K, V] writes of each chunk
-    chunk_decay = torch.exp(G[..., -1, :])[..., None]     # [B, H, n, K or 1, 1]
-
-    # S_c = chunk_decay_c ⊙ S_{c-1} + chunk_states_c over the n chunks (chunk axis as time)
-    states = associative_scan(chunk_decay.movedim(2, 1), chunk_states.movedim(2, 1), S0)
-    S_start = torch.zeros_like(states[:, :1]) if S0 is None else S0[:, None]
-    S_prev = torch.cat([S_start, states[:, :-1]], dim=1).movedim(1, 2)  # [B, H, n, K, V]
-
-    o = o + q_in @ S_prev
-    return from_chunks(o, T), states[:, -1]
+    G = gc.double().cumsum(3)                             # log decay chunk start -> i (incl.)
+    q_in = qc * torch.exp(G).to(q.dtype)                  # reads the state entering the chunk
+    k_out = kc * torch.exp(G[..., -1:, :] - G).to(q.dtype)  # decays each write to the chunk end
+    writes = k_out.mT @ vc                                # [B, H, n, K, V] writes of each chunk
+    chunk_decay = torch.exp(G[..., -1, :]).to(q.dtype)[..., None]   # [B, H, n, K, 1]
+    S_prev, S = _pass_states(chunk_decay.flatten(0, 1), writes.flatten(0, 1),
+                             None if S0 is None else S0.flatten(0, 1))
+    o = o + q_in @ S_prev.view(B, H, n, K, -1)
+    return from_chunks(o, T), S.view(B, H, K, -1)
 
 
 def _intra_scores_per_key(q, k, g):
