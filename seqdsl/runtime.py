@@ -210,13 +210,18 @@ def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, reference):
               output_final_state=True, cu_seqlens=cu_seqlens)
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
+          dims: int | None = None) -> torch.Tensor:
     # angles in float32 whatever the activation dtype: bf16 cannot count positions past 256
+    if dims is not None and dims < x.shape[-1]:  # partial rotary: the rest passes through
+        return torch.cat([_rope(x[..., :dims], positions, theta), x[..., dims:]], dim=-1)
     return ops.apply_rope(x.float(), theta, positions).to(x.dtype)
 
 
-def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, reference):
-    """Causal (windowed, GQA) attention that appends to a KV cache.
+def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, reference,
+              rope_dims=None):
+    """Causal (windowed, GQA) attention that appends to a KV cache; RoPE on the first
+    ``rope_dims`` dims of each head (all when None).
 
     cache: None or (k [B, L, Hkv, K], v [B, L, Hkv, V], seen) with keys already rotated; the
     returned cache keeps the last ``window - 1`` entries for a windowed layer, everything otherwise.
@@ -229,7 +234,7 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, re
                              zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())])
         else:
             pos = torch.arange(seen, seen + T, device=q.device)
-        q, k = _rope(q, pos, rope_theta), _rope(k, pos, rope_theta)
+        q, k = _rope(q, pos, rope_theta, rope_dims), _rope(k, pos, rope_theta, rope_dims)
     if cache is None and cu_seqlens is None:
         fn = ops.attention_ref if reference else ops.attention
         o = fn(q, k, v, window=window, scale=scale, softcap=softcap)

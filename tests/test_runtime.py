@@ -82,3 +82,11 @@ def test_repeat_heads():
     assert y.shape == (1, 1, 4, 3) and torch.equal(y[0, 0, 1], x[0, 0, 0])
     assert rt.repeat_heads(x, 2, dim=2) is x
     assert ops is not None
+
+
+def test_partial_rotary_leaves_the_other_dims_alone():
+    x = torch.randn(1, 5, 2, 8)
+    pos = torch.arange(5)
+    y = rt._rope(x, pos, 10000.0, dims=4)
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    assert_close(y[..., :4], ops.apply_rope(x[..., :4], 10000.0, pos), torch.float32, "rotated half")

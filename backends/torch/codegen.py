@@ -598,7 +598,8 @@ class _GraphEmitter:
         self.fwd.append(
             f"{out}, new_state[{slot!r}] = rt.attention({self.ref(q)}, {self.ref(k)}, {self.ref(v)}, "
             f"state.get({slot!r}), window={node.attr('window')!r}, scale={node.attr('scale')!r}, "
-            f"softcap={node.attr('softcap')!r}, rope_theta={theta}, cu_seqlens=cu_seqlens, "
+            f"softcap={node.attr('softcap')!r}, rope_theta={theta}, "
+            f"rope_dims={node.attr('rope_dims')!r}, cu_seqlens=cu_seqlens, "
             f"reference=reference){self.comment(node)}")
 
 

@@ -142,8 +142,10 @@ _TABLE: list[Builtin] = [
             "Householder sub-steps per token", category="core"),
     Builtin("attention", Op.ATTENTION, (_t("q"), _t("k"), _t("v"), _c("window", None),
                                         _c("rope", False), _c("rope_theta", 10000.0),
-                                        _c("scale", None), _c("softcap", None)),
-            "causal softmax attention, optional sliding window, GQA/MQA, RoPE", category="core"),
+                                        _c("scale", None), _c("softcap", None),
+                                        _c("rope_dims", None)),
+            "causal softmax attention, optional sliding window, GQA/MQA, RoPE (on the first "
+            "rope_dims dims of each head, all by default)", category="core"),
 ]
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in _TABLE}

@@ -687,9 +687,14 @@ class _Infer:
             raise error(self.g.node(node.inputs[5]).span, f"rope_theta must be positive, got {theta}")
         scale = self.const(node.inputs[6], "scale", (_is_num, _is_none))
         softcap = self.const(node.inputs[7], "softcap", (_is_num, _is_none))
+        rope_dims = self.const(node.inputs[8], "rope_dims", (_is_int, _is_none))
+        if rope_dims is not None and (not rope or rope_dims < 2 or rope_dims % 2 or rope_dims > K.size):
+            raise error(self.g.node(node.inputs[8]).span,
+                        f"rope_dims must be an even number of dims between 2 and the head dim {K} "
+                        f"with rope = true, got {rope_dims}")
         self._annotate(node, heads=H.size, kv_heads=Hkv.size, key_dim=K.size, value_dim=v.shape[1].size,
                        window=window, rope=rope, scale=K.size ** -0.5 if scale is None else float(scale),
-                       softcap=softcap, complex=False)
+                       softcap=softcap, rope_dims=rope_dims, complex=False)
         return TensorType((H, v.shape[1]), "real")
 
     def _annotate(self, node, **attrs):
