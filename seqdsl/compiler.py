@@ -96,16 +96,21 @@ def cache_key(program, backend: str, overrides: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def compile_to_dir(source, out_dir, *, text: str | None = None, backend: str = "torch",
-                   **overrides) -> Path:
-    """Write the generated package to ``out_dir/<model name>/``; returns that folder."""
+def _load_model(source, text, overrides):
     import seqdsl
+    from seqdsl.diagnostics import Span, error
 
     program = seqdsl.load(source, text=text, **overrides)
     if program.spec.model is None:
-        from seqdsl.diagnostics import NO_SPAN, error
-        raise error(NO_SPAN.__class__(program.spec.path, 0, 0, 0, 0),
-                    "this file defines no model to compile")
+        raise error(Span(program.spec.path, 0, 0, 0, 0), "this file defines no model to compile",
+                    "a library file has definitions only; compile a spec with a `model`")
+    return program
+
+
+def compile_to_dir(source, out_dir, *, text: str | None = None, backend: str = "torch",
+                   **overrides) -> Path:
+    """Write the generated package to ``out_dir/<model name>/``; returns that folder."""
+    program = _load_model(source, text, overrides)
     files = generate(program, backend)
     target = Path(out_dir) / program.spec.model.name
     _write_atomically(files, target)
@@ -114,12 +119,7 @@ def compile_to_dir(source, out_dir, *, text: str | None = None, backend: str = "
 
 def compile(source, *, text: str | None = None, backend: str = "torch", **overrides) -> types.ModuleType:
     """Compile a spec and import the generated module (cached; instant the second time)."""
-    import seqdsl
-
-    program = seqdsl.load(source, text=text, **overrides)
-    if program.spec.model is None:
-        from seqdsl.diagnostics import Span, error
-        raise error(Span(program.spec.path, 0, 0, 0, 0), "this file defines no model to compile")
+    program = _load_model(source, text, overrides)
     key = cache_key(program, backend, overrides)
     folder = _cache_root() / key[:2] / key
     if not (folder / "model.py").exists():
