@@ -22,7 +22,7 @@ from seqdsl import __version__
 from seqdsl.ir.builtins import InitRule
 from seqdsl.ir.graph import Graph, Program
 from seqdsl.ir.ops import ELEMENTWISE_UNARY, Op
-from seqdsl.ir.types import ConstType, TensorType
+from seqdsl.ir.types import TensorType
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -93,7 +93,7 @@ class ModuleView:
 class _GraphEmitter:
     """Emits the __init__ and forward lines for one graph."""
 
-    def __init__(self, g: Graph, shared_names: dict[str, str], owner: str = "self",
+    def __init__(self, g: Graph, owner: str = "self",
                  nodes: list | None = None, inputs: dict[int, str] | None = None):
         self.g = g
         self.ns = Namespace()
@@ -106,7 +106,6 @@ class _GraphEmitter:
         self.inits: list[ParamInit] = []
         self.containers: set[tuple[str, ...]] = set()
         self.attr_ns: dict[tuple[str, ...], Namespace] = {}
-        self.shared_names = shared_names
         self.nodes = nodes if nodes is not None else list(g.nodes())
         self.states: list[str] = []
         self.fp32: set[int] = set()
@@ -250,7 +249,7 @@ class _GraphEmitter:
         by_node = {nid: name for name, nid in declared}
         ns = Namespace({"state", "shared", "layer_idx", "cu_seqlens", "reference"})
         names = {i: ns.name(by_node.get(i, f"in{k}")) for k, i in enumerate(sub["inputs"])}
-        em = _GraphEmitter(self.g, self.shared_names, nodes=sub["nodes"], inputs=names)
+        em = _GraphEmitter(self.g, nodes=sub["nodes"], inputs=names)
         em.scope_prefix = scope
         em.registry = self.registry
         em.class_prefix = camel(defname) + "Expert"
@@ -491,7 +490,7 @@ class _GraphEmitter:
         n_experts = self.t(node.inputs[1]).shape[0].size
         cls = self.class_prefix
         names = {i: f"in{k}" for k, i in enumerate(outside_inputs)}
-        sub = _GraphEmitter(self.g, self.shared_names, owner="self", nodes=inside, inputs=names)
+        sub = _GraphEmitter(self.g, nodes=inside, inputs=names)
         sub.scope_prefix = region
         sub.registry = self.registry
         sub.in_region = set()
@@ -631,7 +630,7 @@ class ClassRegistry:
 
 def _block_view(registry: ClassRegistry, name: str, graph: Graph, doc: str, spec_ref: str,
                 class_name: str | None = None) -> str:
-    em = _GraphEmitter(graph, {})
+    em = _GraphEmitter(graph)
     em.registry = registry
     em.class_prefix = camel(name) + "Expert"
     x_id = graph.inputs[0][1]
@@ -649,7 +648,7 @@ def _shared_view(registry: ClassRegistry) -> str | None:
     if program.shared is None:
         return None
     g = program.shared
-    em = _GraphEmitter(g, {})
+    em = _GraphEmitter(g)
     em.registry = registry
     em.run()
     outputs = ", ".join(f"{n!r}: {em.ref(nid)}" for n, nid in program.shared_outputs.items())
@@ -710,4 +709,4 @@ def generate_source(program: Program) -> str:
     return source
 
 
-__all__ = ["generate_source", "Namespace", "build_view", "ConstType"]
+__all__ = ["generate_source", "Namespace", "build_view"]
