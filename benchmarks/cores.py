@@ -59,6 +59,7 @@ def inputs(T: int) -> dict[str, torch.Tensor]:
 def cases(x: dict[str, torch.Tensor]):
     """(name, fast, reference, fla naive chunk or None), each a zero-argument callable."""
     q, k, v = x["q"], x["k"], x["v"]
+    q1, k1 = q[:, :, :1], k[:, :, :1]     # one q/k head shared by the H value heads (Mamba-2)
     chunk_simple = _fla("fla.ops.simple_gla.naive", "naive_chunk_simple_gla")
     chunk_gated_delta = _fla("fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule")
     return [
@@ -68,6 +69,10 @@ def cases(x: dict[str, torch.Tensor]):
         ("linear, scalar decay", lambda: ops.linear(q, k, v, x["g_scalar"]),
          lambda: ops.linear_ref(q, k, v, x["g_scalar"]),
          chunk_simple and (lambda: chunk_simple(q, k, v, x["g_scalar"]))),
+        ("linear, scalar, shared q/k", lambda: ops.linear(q1, k1, v, x["g_scalar"]),
+         lambda: ops.linear_ref(q1, k1, v, x["g_scalar"]),
+         chunk_simple and (lambda: chunk_simple(q1.expand_as(q), k1.expand_as(k), v,
+                                                x["g_scalar"]))),
         ("linear, [K] decay", lambda: ops.linear(q, k, v, x["g_key"]),
          lambda: ops.linear_ref(q, k, v, x["g_key"]), None),
         ("linear, [K,V] decay (K=16)", lambda: ops.linear(x["q16"], x["k16"], v, x["g_kv"]),

@@ -11,11 +11,15 @@ comparison is a ratio measured in this process on this machine:
 * layers: generated blocks vs transformers' CPU paths (``MambaMixer`` slow path, ``Mamba2Mixer``
   torch path, RecurrentGemma's recurrent block);
 * peak memory of the chunked forward (CPU allocator, via tracemalloc-free torch profiling).
+
+The script re-executes itself with glibc malloc settings that keep large buffers mapped
+(``STABLE_MALLOC``); page faults from fresh allocations otherwise dominate some rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import statistics
@@ -145,7 +149,14 @@ def layer_rows(lengths, repeats):
     return rows
 
 
+#: glibc malloc settings that keep multi-MB buffers mapped between calls: without them, page
+#: faults from fresh allocations make the same measurement vary up to 2x from run to run
+STABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+
+
 def main():
+    if any(os.environ.get(k) != v for k, v in STABLE_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 512 only, fewer repeats")
     args = parser.parse_args()

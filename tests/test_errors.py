@@ -222,7 +222,7 @@ CASES = {
         }
         """), 7, 46, "core 'attention' has no argument 'windw'",
         "did you mean 'window'? valid arguments of core 'attention': 'q', 'k', 'v', 'window', "
-        "'rope', 'rope_theta', 'scale' or 'softcap'"),
+        "'rope', 'rope_theta', 'scale', 'softcap' or 'rope_dims'"),
     "core-called-positionally": Case(HEADER + spec("""
         block b { x = x + f(rmsnorm(x)) }
         mixer f {

@@ -654,3 +654,67 @@ def test_blocked_scan_equals_doubling_and_the_loop(T):
     loop, _ = ops.scan_ref(a.double(), b.double(), h0.double())
     assert_close(blocked, loop.float(), torch.float32, "blocked vs float64 loop")
     assert_close(doubling, loop.float(), torch.float32, "doubling vs float64 loop")
+
+
+def test_blocked_scan_gradients_with_zero_multipliers():
+    """The block products come from one cumprod: its gradient must survive a = 0 exactly."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.rand(2, 90, 40, generator=g, dtype=FP64)
+    a[0, 5, :3] = 0
+    a[1, 40:44, 7] = 0
+    b = torch.randn(2, 90, 40, generator=g, dtype=FP64)
+    h0 = torch.randn(2, 40, generator=g, dtype=FP64)
+    w = torch.randn(2, 90, 40, generator=g, dtype=FP64)
+    grads = []
+    for fn in (ops.blocked_scan, lambda *x: ops.scan_ref(*x)[0]):
+        leaves = [x.clone().requires_grad_() for x in (a, b, h0)]
+        grads.append(torch.autograd.grad((fn(*leaves) * w).sum(), leaves))
+    for fast, ref, name in zip(*grads, ("a", "b", "initial state")):
+        assert_close(fast, ref, FP64, f"blocked scan d/d{name}")
+
+
+# ---- q/k heads shared by groups of value heads (Mamba-2 n_groups, GQA-style linear attention) -
+
+@pytest.mark.parametrize("qk_heads", [1, 2])
+@pytest.mark.parametrize("decay", ["none", "scalar", "key", "key_value"])
+@pytest.mark.parametrize("fn", [ops.linear, ops.linear_ref], ids=["chunked", "reference"])
+def test_linear_shared_qk_heads_equal_repeated_heads(fn, decay, qk_heads):
+    """q, k with Hq heads (Hq dividing H) equal q, k repeated to H heads: value head h reads
+    q/k head h // (H / Hq). Forward, final state and gradients (q/k gradients summed over the
+    group), with an initial state and a length that is not a multiple of the chunk."""
+    Hv, T = 4, 45
+    x = _qkv(T, 20, H=Hv)
+    x["q"], x["k"] = x["q"][:, :, :qk_heads].clone(), x["k"][:, :, :qk_heads].clone()
+    shapes = {"none": None, "scalar": (B, T, Hv), "key": (B, T, Hv, K),
+              "key_value": (B, T, Hv, K, V)}
+    x["log_decay"] = None if shapes[decay] is None else _log_gate(*shapes[decay], seed=23)
+    h0 = _randn(B, Hv, K, V, seed=24)
+    extra = {"chunk_size": 16} if fn is ops.linear else {}
+
+    def run(q, k, v, log_decay, S0):
+        return fn(q, k, v, log_decay, scale=0.3, initial_state=S0, output_final_state=True,
+                  **extra)
+
+    def repeat(t):
+        return t.repeat_interleave(Hv // qk_heads, dim=2)
+
+    results = []
+    for expand in (False, True):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+        S0 = h0.clone().requires_grad_()
+        q, k = leaves["q"], leaves["k"]
+        o, S = run(repeat(q) if expand else q, repeat(k) if expand else k, leaves["v"],
+                   leaves.get("log_decay"), S0)
+        loss = _weighted_sum(o, 30) + _weighted_sum(S, 31)
+        results.append((o, S, torch.autograd.grad(loss, [*leaves.values(), S0])))
+    (o1, S1, g1), (o2, S2, g2) = results
+    assert_close(o1, o2, FP32, f"shared q/k ({qk_heads}) vs repeated, {decay}")
+    assert_close(S1, S2, FP32, f"shared q/k ({qk_heads}) vs repeated final state, {decay}")
+    for a, b in zip(g1, g2):
+        assert_close(a, b, FP32, f"shared q/k ({qk_heads}) gradients, {decay}")
+
+
+def test_linear_shared_qk_heads_must_divide_value_heads():
+    x = _qkv(10, 0, H=3)
+    with pytest.raises(ValueError, match="divide"):
+        ops.linear(x["q"][:, :, :2], x["k"][:, :, :2], x["v"])

@@ -509,13 +509,15 @@ class _GraphEmitter:
 
     # -- cores
     def _core_qk(self, nid: int, node, head_dim: int) -> str:
-        """q or k as [B, T, (steps,) H, K]: add a missing head dim, repeat shared heads."""
+        """q or k as [B, T, (steps,) Hk, K]: add a missing head dim. `linear` takes q/k heads
+        that each serve H / Hk value heads as they are; `delta` needs them repeated to H."""
         r = self.ref(nid)
         heads, key_heads = node.attr("heads"), node.attr("key_heads")
         has_heads = self.rank(nid) == head_dim  # per-token rank counts (steps,) H, K
         if not has_heads:
             r = f"{r}.unsqueeze({head_dim})"
-        if key_heads != heads or (not has_heads and heads > 1):
+        shared = key_heads != heads or (not has_heads and heads > 1)
+        if shared and node.op is Op.DELTA:
             r = f"rt.repeat_heads({r}, {heads}, dim={head_dim})"
         return r
 

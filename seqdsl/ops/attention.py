@@ -75,7 +75,10 @@ def _finish(o: Tensor, out_dtype) -> Tensor:
 def _logits(q: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tensor:
     """Scaled (and soft-capped) scores ``[B, Hkv, G, Tq, Tk]`` of ``q [B, Hkv, G, Tq, K]`` against
     ``k [B, Hkv, Tk, K]``."""
-    s = (q @ k[:, :, None].mT) * scale
+    return _cap((q @ k[:, :, None].mT) * scale, softcap)
+
+
+def _cap(s: Tensor, softcap: float | None) -> Tensor:
     return s if softcap is None else softcap * torch.tanh(s / softcap)
 
 
@@ -124,26 +127,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
         return varlen_call(attention, cu_seqlens, dict(q=q, k=k, v=v), window=window, scale=scale,
                            softcap=softcap, rope_theta=rope_theta, block_size=block_size)
     qg, kh, vh, out_dtype, scale = _prepare(q, k, v, window, scale, rope_theta)
-    T = qg.shape[3]
+    B, Hkv, G, T, K = qg.shape
+    # the G query heads of a kv head side by side, scaled once: [B, Hkv, T, G, K], so that a block
+    # of queries is one [Tq·G, K] matrix against the block's keys (no broadcast copies of k, v)
+    qt = (qg * scale).transpose(2, 3).contiguous()
+    kh, vh = kh.contiguous(), vh.contiguous()                     # [B, Hkv, T, K|V]
     outs = []
     for start in range(0, T, block_size):
         end = min(start + block_size, T)
         lo = _first_visible(start, window)
-        outs.append(checkpointed(_attend_block, qg[:, :, :, start:end], kh[:, :, lo:end],
-                                 vh[:, :, lo:end], start, lo, window, scale, softcap))
-    return _finish(torch.cat(outs, dim=3), out_dtype)
+        outs.append(checkpointed(_attend_block, qt[:, :, start:end], kh[:, :, lo:end],
+                                 vh[:, :, lo:end], start, lo, window, softcap))
+    o = torch.cat(outs, dim=2)                                     # [B, Hkv, T, G, V]
+    return o.permute(0, 2, 1, 3, 4).reshape(B, T, Hkv * G, -1).to(out_dtype)
 
 
-def _attend_block(q, k, v, q_start, k_start, window, scale, softcap):
-    """Queries from ``q_start`` against keys from ``k_start``.
-    q [B, Hkv, G, Tq, K], k/v [B, Hkv, Tk, K|V] -> [B, Hkv, G, Tq, V]."""
-    qi = torch.arange(q_start, q_start + q.shape[3], device=q.device)[:, None]
-    kj = torch.arange(k_start, k_start + k.shape[2], device=q.device)[None, :]
-    hidden = kj > qi
+def _attend_block(q, k, v, q_start, k_start, window, softcap):
+    """Scaled queries from ``q_start`` against keys from ``k_start``.
+    q [B, Hkv, Tq, G, K], k/v [B, Hkv, Tk, K|V] -> [B, Hkv, Tq, G, V].
+
+    Only two column ranges can hold hidden keys: those after ``q_start`` (causality) and, with a
+    window, the first ``Tq`` (too old for the later queries); the mask is built for them only."""
+    B, Hkv, Tq, G, K = q.shape
+    Tk = k.shape[2]
+    s = _cap(q.reshape(B, Hkv, Tq * G, K) @ k.mT, softcap).view(B, Hkv, Tq, G, Tk)
+    qi = torch.arange(q_start, q_start + Tq, device=q.device)[:, None, None]     # [Tq, 1, 1]
+    future = max(0, q_start + 1 - k_start)              # first column some query cannot see yet
+    kj = torch.arange(k_start + future, k_start + Tk, device=q.device)
+    s[..., future:].masked_fill_(kj > qi, float("-inf"))
     if window is not None:
-        hidden = hidden | (qi - kj >= window)
-    s = _logits(q, k, scale, softcap).masked_fill(hidden, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v[:, :, None]                # [B, Hkv, G, Tq, V]
+        old = min(Tk, max(0, q_start + Tq - window - k_start))   # columns [0, old) may be too old
+        kj = torch.arange(k_start, k_start + old, device=q.device)
+        s[..., :old].masked_fill_(qi - kj >= window, float("-inf"))
+    p = torch.softmax(s, dim=-1).view(B, Hkv, Tq * G, Tk)
+    return (p @ v).view(B, Hkv, Tq, G, -1)
 
 
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None = None,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._chunking import (cast, compute_dtype, cumsum_to_end, default_scale, from_chunks,
-                        output_dtype, segsum, to_chunks)
+from ._chunking import (cast, compute_dtype, decay_matrix, default_scale, from_chunks,
+                        output_dtype, to_chunks)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -101,30 +101,31 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
     qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
     n = qc.shape[2]
-    decay = torch.exp(segsum(gc))                    # [B, H, n, C, C]: e^{G_i - G_j}, j <= i
-    G = gc.cumsum(-1)                                # [B, H, n, C]
+    Gd, decay = decay_matrix(gc, q.dtype)            # [B, H, n, C] (float64), [B, H, n, C, C]
+    G = Gd.to(q.dtype)                               # decay: e^{G_i - G_j} for j <= i, 1 above
 
-    A = (bc[..., None] * (kc @ kc.mT) * decay).tril(-1)
+    A = ((kc @ kc.mT) * decay * bc[..., None]).tril_(-1)
     eye_c = torch.eye(chunk, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([vc * bc[..., None], kc * (bc * torch.exp(G))[..., None]], dim=-1)
-    UW = torch.linalg.solve_triangular(eye_c + A, rhs, upper=False, unitriangular=True)
+    # right-hand side built transposed: the solver wants column-major columns (no copy then)
+    rhs = torch.cat([(vc * bc[..., None]).mT, (kc * (bc * torch.exp(G))[..., None]).mT], dim=-2)
+    UW = torch.linalg.solve_triangular(eye_c + A, rhs.mT, upper=False, unitriangular=True)
     U, W = UW.split([V, K], dim=-1)                  # [B, H, n, C, V], [B, H, n, C, K]
 
-    P = (qc @ kc.mT) * decay                         # intra-chunk scores, incl. the diagonal
-    q_in = qc * torch.exp(G)[..., None]
-    k_out = kc * torch.exp(cumsum_to_end(gc, -1))[..., None]
-    read = q_in - P @ W                              # o = read @ S_prev + P @ U
-    local = P @ U                                    # [B, H, n, C, V]
-    eye_k = torch.eye(K, dtype=q.dtype, device=q.device)
-    transition = torch.exp(G[..., -1])[..., None, None] * eye_k - k_out.mT @ W   # [B,H,n,K,K]
-    inject = k_out.mT @ U                                                       # [B,H,n,K,V]
+    P = (qc @ kc.mT).tril_() * decay                 # intra-chunk scores, incl. the diagonal
+    local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
+    read = qc * torch.exp(G)[..., None] - PW         # o = read @ S_prev + P U
+    k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
+    inject, kW = (k_out.mT @ UW).split([V, K], dim=-1)                   # [B, H, n, K, V|K]
+    transition = -kW                                 # e^{G_C} I - k_outᵀ W: [B, H, n, K, K]
+    transition.diagonal(dim1=-2, dim2=-1).add_(torch.exp(G[..., -1:]))
 
     S = q.new_zeros(B, H, K, V) if S0 is None else S0
     S_prev = []
-    for c in range(n):
+    for c in range(n):                               # S <- transition_c S + inject_c
         S_prev.append(S)
-        S = transition[:, :, c] @ S + inject[:, :, c]
-    o = local + read @ torch.stack(S_prev, dim=2)    # [B, H, n, C, V]
+        S = torch.baddbmm(inject[:, :, c].flatten(0, 1), transition[:, :, c].flatten(0, 1),
+                          S.flatten(0, 1)).view(B, H, K, V)
+    o = (read @ torch.stack(S_prev, dim=2)).add_(local)   # [B, H, n, C, V]
     return from_chunks(o, T), S
 
 

@@ -2,7 +2,8 @@
 
     S_t = A_t ⊙ S_{t-1} + k_t v_tᵀ,     o_t = scale · S_tᵀ q_t,     A_t = exp(log_decay_t)
 
-Shapes (fla layout): ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, state ``S [B, H, K, V]``.
+Shapes (fla layout): ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, state ``S [B, H, K, V]``; q and k
+may also have fewer heads ``Hq`` dividing H (shared by groups of value heads, see :func:`linear`).
 ``log_decay`` (log space, <= 0 for a contraction) is one of
 
 * ``None``                 no decay (plain causal linear attention);
@@ -12,8 +13,9 @@ Shapes (fla layout): ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, state ``S [B, H,
   broadcast, e.g. ``[B, T, H, 1, V]``.
 
 Strategies: the chunked matmul form for the first three (intra-chunk masked ``(q kᵀ ⊙ decay) v``
-plus inter-chunk state passing), and a chunk loop with an elementwise scan inside each chunk for
-``[K, V]`` decays (never more than one chunk of ``[B, C, H, K, V]`` alive). Complex per-key decays
+plus inter-chunk state passing; for no or a scalar decay the Mamba-2 SSD algorithm, all chunks at
+once), and a chunk loop with a step loop inside each chunk for ``[K, V]`` decays (never more than
+one chunk of ``[B, C, H, K, V]`` alive). Complex per-key decays
 are lowered onto the real form by :func:`linear_complex`.
 """
 
@@ -24,10 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, default_scale,
-                        from_chunks, output_dtype, segsum, sub_chunk_size, to_chunks)
+from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_matrix,
+                        default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
+                        to_chunks)
 from ._varlen import varlen_call
-from .scan import associative_scan
 
 Tensor = torch.Tensor
 
@@ -142,7 +144,12 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     """Chunked linear attention: ``S_t = exp(g_t) ⊙ S_{t-1} + k_t v_tᵀ``, ``o_t = scale·S_tᵀq_t``.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        q, k: ``[B, T, H, K]``, or ``[B, T, Hq, K]`` with ``Hq`` dividing H: q/k shared by groups
+            of ``H / Hq`` value heads (value head h reads q/k head ``h // (H / Hq)``, as
+            ``repeat_interleave`` would lay them out; Mamba-2's ``n_groups``). With no or a
+            scalar decay the shared q/k are never repeated: one ``q kᵀ`` per q/k head and the
+            state matmuls over all value heads of a group at once.
+        v: ``[B, T, H, V]``.
         log_decay: None, ``[B, T, H]``, ``[B, T, H, K]`` or ``[B, T, H, K, V]`` (log space).
         scale: defaults to ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``).
@@ -175,27 +182,29 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
         o, S = _chunked_per_key(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
     else:
         _check_heads(q, k, v)
-        o, S = _chunked_scalar(q * scale, k, v, g, S0, chunk_size)
+        o, S = _chunked_scalar(q, k, v, g, S0, chunk_size, scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _chunked_scalar(q, k, v, g, S0, chunk):
+def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     """Chunked form for no decay (``g`` None) or a scalar ``[B, T, H]`` log decay: the Mamba-2
-    SSD algorithm, every chunk at once in a few large matmuls.
+    SSD algorithm, every chunk at once in a few large matmuls (``scale`` applied to the output).
 
     q, k ``[B, T, Hq, K]`` with ``Hq`` dividing ``H`` (value head h reads q/k head
     ``h // (H / Hq)``), v ``[B, T, H, V]``. Within a chunk, with ``G_i`` the log decay accumulated
     from the chunk start through step i (``G_C``: the chunk total):
 
-      o_i = Σ_{j<=i} e^{G_i - G_j} (q_i·k_j) v_j  +  e^{G_i} q_i S_prev              (intra + inter)
-      S   = e^{G_C} S_prev + Σ_j k_j (e^{G_C - G_j} v_j)ᵀ                            (chunk write)
+      o_i = Σ_{j<=i} e^{G_i - G_j} (q_i·k_j) v_j  +  e^{G_i} q_i S_prev      (intra + inter)
+      S   = e^{G_C} S_prev + Σ_j k_j (e^{G_C - G_j} v_j)ᵀ                    (chunk write)
 
     Every exponent is <= 0 for a contracting decay. The decay being a scalar per step, it sits
     on the value side (``e^{G_C - G_j} v_j``) and on the output (``e^{G_i} (q_i S_prev)``), so
     q and k enter only plain matmuls: ``q kᵀ`` once per q/k head and, when heads share q/k, the
     state matmuls run over all ``r = H / Hq`` value heads at once (``[C, K] @ [K, r·V]``).
-    The cumulative sums of the decay are taken in float64 so that their differences
-    ``G_i - G_j`` carry no cancellation error however strong the decay.
+    The decays come from :func:`decay_matrix` (cumulative sums in float64, so that
+    their differences ``G_i - G_j`` carry no cancellation error however strong the decay).
+    Large temporaries are updated in place where autograd allows it: on a CPU every fresh
+    allocation of a few MB costs page faults comparable to the arithmetic on it.
     """
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
@@ -203,29 +212,29 @@ def _chunked_scalar(q, k, v, g, S0, chunk):
     qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
     vc = to_chunks(v.reshape(B, T, Hq, r * V), C)                    # [B, Hq, n, C, r·V]
     n = qc.shape[2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    scores = qc @ kc.mT                                              # [B, Hq, n, C, C]
+    scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
 
     if g is None:  # no decay: one causal score matrix for all r value heads
-        o = (scores * causal) @ vc                                   # [B, Hq, n, C, r·V]
+        o = scores @ vc                                              # [B, Hq, n, C, r·V]
         writes = kc.mT @ vc                                          # [B, Hq, n, K, r·V]
         S_prev, S = _pass_states(None, writes.view(B * Hq, n, K, r, V), _group_state(S0, Hq))
-        o = o + qc @ S_prev.view(B, Hq, n, K, r * V)
+        o = o.add_(qc @ S_prev.view(B, Hq, n, K, r * V)).mul_(scale)
     else:
         gc = to_chunks(g.reshape(B, T, Hq, r), C).mT                 # [B, Hq, n, r, C]
-        G = gc.double().cumsum(-1)                                   # float64: see above
-        # e^{G_i - G_j} for j <= i, 0 above the diagonal (clamped first: no exp(> 0))
-        decay = torch.exp((G[..., :, None] - G[..., None, :]).to(q.dtype).clamp_max(0)) * causal
-        v_heads = vc.view(B, Hq, n, C, r, V).transpose(3, 4)             # [B, Hq, n, r, C, V]
-        intra = (scores[:, :, :, None] * decay) @ v_heads            # [B, Hq, n, r, C, V]
-        to_end = torch.exp(G[..., -1:] - G).to(q.dtype).mT[..., None]   # [B, Hq, n, C, r, 1]
+        G, decay = decay_matrix(gc, q.dtype)              # float64 [.., C], [B, Hq, n, r, C, C]
+        v_heads = vc.view(B, Hq, n, C, r, V).transpose(3, 4)        # [B, Hq, n, r, C, V]
+        # one decay matrix per value head: scores ⊙ decay, in place when there is one
+        P = scores.mul_(decay[:, :, :, 0]) if r == 1 else scores[:, :, :, None] * decay
+        intra = P.view(B, Hq, n, r, C, C) @ v_heads                  # [B, Hq, n, r, C, V]
+        to_end = torch.exp((G[..., -1:] - G).to(q.dtype)).mT[..., None]  # [B, Hq, n, C, r, 1]
         writes = kc.mT @ (vc.view(B, Hq, n, C, r, V) * to_end).view(B, Hq, n, C, r * V)
-        chunk_decay = torch.exp(G[..., -1]).to(q.dtype)              # [B, Hq, n, r]
+        chunk_decay = torch.exp(G[..., -1].to(q.dtype))              # [B, Hq, n, r]
         S_prev, S = _pass_states(chunk_decay.view(B * Hq, n, 1, r, 1),
                                  writes.view(B * Hq, n, K, r, V), _group_state(S0, Hq))
         inter = qc @ S_prev.view(B, Hq, n, K, r * V)                 # [B, Hq, n, C, r·V]
-        from_start = torch.exp(G).to(q.dtype).mT[..., None]          # [B, Hq, n, C, r, 1]
-        o = inter.view(B, Hq, n, C, r, V) * from_start + intra.transpose(3, 4)
+        from_start = torch.exp(G.to(q.dtype)).mT[..., None] * scale  # [B, Hq, n, C, r, 1]
+        o = inter.view(B, Hq, n, C, r, V).mul_(from_start)
+        o = o.add_(intra.transpose(3, 4), alpha=scale)
     o = from_chunks(o.view(B, Hq, n, C, r * V), T).reshape(B, T, H, V)
     return o, _ungroup_state(S, B)
 
@@ -250,8 +259,9 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
     ``writes [N, n, *S]``, ``decay`` broadcastable to it (None: no decay), ``S0 [N, *S]`` or None.
     Returns the states entering each chunk ``[N, n, *S]`` and the final state ``[N, *S]``.
     A sequential loop of n fused multiply-adds: O(n) work where a parallel scan does O(n log n)
-    and the Mamba-2 ``exp(segsum) @ writes`` matrix O(n²); without autograd the states are
-    written straight into the output buffer.
+    and the Mamba-2 ``exp(segsum) @ writes`` matrix O(n²). Without autograd the entering states
+    replace the writes in place (``writes`` is consumed): no second ``[N, n, *S]`` buffer, whose
+    first touch alone (page faults) costs about as much as the loop.
     """
     n = writes.shape[1]
     S = torch.zeros_like(writes[:, 0]) if S0 is None else S0
@@ -262,23 +272,19 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
             entering.append(S)
             S = writes[:, c] + (S if decay is None else decay[:, c] * S)
         return torch.stack(entering, dim=1), S
-    entering = torch.empty_like(writes)
-    entering[:, 0] = S
-    for c in range(n - 1):
-        if decay is None:
-            torch.add(writes[:, c], entering[:, c], out=entering[:, c + 1])
-        else:
-            torch.addcmul(writes[:, c], decay[:, c], entering[:, c], out=entering[:, c + 1])
-    last = writes[:, -1] + (entering[:, -1] if decay is None else decay[:, -1] * entering[:, -1])
-    return entering, last
+    for c in range(n):  # no autograd: the entering states overwrite the writes in place
+        after = writes[:, c] + (S if decay is None else decay[:, c] * S)
+        writes[:, c] = S
+        S = after
+    return writes, S
 
 
 def _chunked_per_key(q, k, v, g, S0, chunk):
     """Chunked form for a per-key ``[B, T, H, K]`` log decay.
 
     Within a chunk, with ``G_i`` the log decay accumulated from the chunk start through step i:
-      o_i = Σ_{j<=i} (q_i ⊙ e^{G_i - G_j})·k_j v_j  +  (q_i ⊙ e^{G_i}) S_prev        (intra + inter)
-      S   = e^{G_C} ⊙ S_prev + Σ_j (k_j ⊙ e^{G_C - G_j}) v_jᵀ                        (state passing)
+      o_i = Σ_{j<=i} (q_i ⊙ e^{G_i - G_j})·k_j v_j  +  (q_i ⊙ e^{G_i}) S_prev  (intra + inter)
+      S   = e^{G_C} ⊙ S_prev + Σ_j (k_j ⊙ e^{G_C - G_j}) v_jᵀ               (state passing)
     Every exponent above is <= 0 for a contracting decay; the intra-chunk scores come from
     :func:`_intra_scores_per_key`, the chunk-to-chunk recurrence from :func:`_pass_states`.
     """
@@ -288,11 +294,11 @@ def _chunked_per_key(q, k, v, g, S0, chunk):
     n = qc.shape[2]
     o = _intra_scores_per_key(qc, kc, gc) @ vc                      # [B, H, n, C, V]
 
-    G = gc.double().cumsum(3)                             # log decay chunk start -> i (incl.)
-    q_in = qc * torch.exp(G).to(q.dtype)                  # reads the state entering the chunk
-    k_out = kc * torch.exp(G[..., -1:, :] - G).to(q.dtype)  # decays each write to the chunk end
+    G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
+    q_in = qc * torch.exp(G)                              # reads the state entering the chunk
+    k_out = kc * torch.exp(cumsum_to_end(gc, 3))          # decays each write to the chunk end
     writes = k_out.mT @ vc                                # [B, H, n, K, V] writes of each chunk
-    chunk_decay = torch.exp(G[..., -1, :]).to(q.dtype)[..., None]   # [B, H, n, K, 1]
+    chunk_decay = torch.exp(G[..., -1, :])[..., None]     # [B, H, n, K, 1]
     S_prev, S = _pass_states(chunk_decay.flatten(0, 1), writes.flatten(0, 1),
                              None if S0 is None else S0.flatten(0, 1))
     o = o + q_in @ S_prev.view(B, H, n, K, -1)
@@ -310,6 +316,9 @@ def _intra_scores_per_key(q, k, g):
     ``[c, c, K]`` tensor). For a key in sub-chunk r before the query's sub-chunk s the decay
     factors through the sub-chunk boundaries into three factors <= 1:
       e^{G_i - G_j} = e^{L_i} · Π_{r<u<s} e^{Tot_u} · e^{Tot_r - L_j}
+    so the scores of query sub-chunk s against all earlier keys are one matmul of
+    ``q_i e^{L_i}`` with the ``s·c`` keys ``k_j e^{Tot_r - L_j} Π_{r<u<s} e^{Tot_u}`` (only the
+    pairs r < s are formed: no ``[m, m, c, K]`` tensor either).
     """
     *lead, C, K = q.shape
     c = sub_chunk_size(C)
@@ -333,12 +342,14 @@ def _intra_scores_per_key(q, k, g):
     # Σ_{r<u<s}: row s of the exclusive matrix is row s-1 of the inclusive one
     seg = F.pad(seg, (0, 0, 1, 0), value=-math.inf)[..., :m, :]
     between = torch.exp(seg).movedim(-3, -1)                # [..., m(s), m(r), K]
-    x = q_dec[..., :, None, :, :] * between[..., :, :, None, :]          # [..., s, r, c(i), K]
-    cross = (x @ k_dec[..., None, :, :, :].mT).transpose(-3, -2)         # [..., s, c(i), r, c(j)]
 
-    eye = torch.eye(m, dtype=q.dtype, device=q.device)
-    scores = cross + diag[..., :, :, None, :] * eye[:, None, :, None]    # [..., m, c, m, c]
-    return scores.reshape(*lead, C, C)
+    # one row block per query sub-chunk s: [cross with sub-chunks r < s | diagonal | zeros]
+    rows = []
+    for s in range(m):
+        keys = k_dec[..., :s, :, :] * between[..., s, :s, None, :]      # [..., s, c, K]
+        cross = q_dec[..., s, :, :] @ keys.flatten(-3, -2).mT            # [..., c, s·c]
+        rows.append(F.pad(torch.cat([cross, diag[..., s, :, :]], dim=-1), (0, C - (s + 1) * c)))
+    return torch.cat(rows, dim=-2)                                       # [..., C, C]
 
 
 def _chunk_loop_state_decay(q, k, v, g, S0, chunk):
@@ -374,13 +385,30 @@ def _state_decay_chunk(q, k, v, g, S):
 
 def _factored_decay_chunk(q, k, v, A, dt, S):
     """One chunk with the decay exp(A * dt_t): A [H, K, V], dt [B, c, H, V]."""
-    return _steps(q, k, v, torch.exp(A * dt[:, :, :, None, :]), S)  # [B, c, H, K, V]: one chunk
+    return _steps(q, k, v, (A * dt[:, :, :, None, :]).exp_(), S)  # [B, c, H, K, V]: one chunk
 
 
 def _steps(q, k, v, decay, S):
-    """S_t = decay_t ⊙ S_{t-1} + k_t v_tᵀ, o_t = S_tᵀ q_t, step by step through one chunk."""
-    outs = []
+    """S_t = decay_t ⊙ S_{t-1} + k_t v_tᵀ, o_t = S_tᵀ q_t through one chunk of c steps.
+
+    q, k ``[B, c, H, K]``, v ``[B, c, H, V]``, decay ``[B, c, H, K|1, V|1]``, S ``[B, H, K, V]``.
+    Only the recurrence itself is sequential: one fused multiply-add per step on a
+    ``[B, H, K, V]`` state (a few tens of KB: it stays in cache). The writes ``k_t v_tᵀ`` are
+    formed for the whole chunk before the loop, and the outputs read from the chunk's states in
+    one batched product after it. Without autograd the states overwrite the writes in place.
+    """
+    writes = k[..., :, None] * v[..., None, :]                      # [B, c, H, K, V]
+    track = torch.is_grad_enabled() and any(x.requires_grad for x in (writes, decay, S))
+    states = [] if track else writes
     for t in range(q.shape[1]):
-        S = decay[:, t] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
-    return torch.stack(outs, dim=1), S
+        if track:
+            S = torch.addcmul(writes[:, t], decay[:, t], S)
+            states.append(S)
+        else:
+            S = torch.addcmul(writes[:, t], decay[:, t], S, out=writes[:, t])
+    if track:
+        states = torch.stack(states, dim=1)                        # [B, c, H, K, V]
+    else:
+        S = S.clone()                                              # not a view of the buffer
+    o = (q[..., None, :] @ states)[..., 0, :]                      # S_tᵀ q_t: [B, c, H, V]
+    return o, S
