@@ -169,9 +169,15 @@ def main():
     lines += ["## Cores, forward (B=1, H=4, K=V=64), ms", "",
               "| core | T | fast | reference | fla naive chunk | vs reference | vs fla |",
               "|---|---|---|---|---|---|---|"]
+    def ms(v):
+        return "–" if v != v else f"{v:.1f}"  # nan: not measured
+
+    def ratio(a, b):
+        return "–" if a != a or b != b else f"{a / b:.1f}x"
+
     for name, T, fast, ref, peer in core_rows(lengths, repeats, with_ref_up_to=2048):
-        lines.append(f"| {name} | {T} | {fast:.1f} | {ref:.1f} | {peer:.1f} | "
-                     f"{ref / fast:.1f}x | {peer / fast:.1f}x |")
+        lines.append(f"| {name} | {T} | {ms(fast)} | {ms(ref)} | {ms(peer)} | "
+                     f"{ratio(ref, fast)} | {ratio(peer, fast)} |")
     achieved, rate = roofline(repeats=repeats)
     lines += ["", f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
               f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.", ""]
