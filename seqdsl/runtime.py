@@ -9,6 +9,7 @@ sampling. Time-mixing cores come from :mod:`seqdsl.ops`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -183,31 +184,48 @@ def mixture(weights: torch.Tensor, experts: nn.ModuleList, *inputs: torch.Tensor
 # ---- cores ------------------------------------------------------------------------------------
 
 
-def scan(a, b, state, cu_seqlens, reference):
-    fn = ops.scan_ref if reference else ops.scan
+@dataclass(frozen=True)
+class Run:
+    """How a forward runs: the sequential reference path, or the chunked forms with an optional
+    chunk size (None: each core's default). Results agree across all of them (tested)."""
+
+    reference: bool = False
+    chunk_size: int | None = None
+
+    def chunking(self, name: str = "chunk_size") -> dict:
+        return {} if self.reference or self.chunk_size is None else {name: self.chunk_size}
+
+
+DEFAULT_RUN = Run()
+
+
+def scan(a, b, state, cu_seqlens, run: Run):
+    fn = ops.scan_ref if run.reference else ops.scan
     return fn(a, b, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
 
 
-def linear(q, k, v, log_decay, scale, state, cu_seqlens, reference, decay_A=None, decay_dt=None):
-    fn = ops.linear_ref if reference else ops.linear
+def linear(q, k, v, log_decay, scale, state, cu_seqlens, run: Run, decay_A=None, decay_dt=None):
+    fn = ops.linear_ref if run.reference else ops.linear
     return fn(q, k, v, log_decay=log_decay, scale=scale, initial_state=state,
-              output_final_state=True, cu_seqlens=cu_seqlens, decay_A=decay_A, decay_dt=decay_dt)
+              output_final_state=True, cu_seqlens=cu_seqlens, decay_A=decay_A, decay_dt=decay_dt,
+              **run.chunking())
 
 
-def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, reference):
-    fn = ops.linear_complex_ref if reference else ops.linear_complex
+def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, run: Run):
+    fn = ops.linear_complex_ref if run.reference else ops.linear_complex
     return fn(q, k, v, log_magnitude, phase, scale=scale, initial_state=state,
-              output_final_state=True, cu_seqlens=cu_seqlens)
+              output_final_state=True, cu_seqlens=cu_seqlens, **run.chunking())
 
 
-def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, reference):
+def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, run: Run):
     if k.dim() == q.dim() + 1:  # [B, T, steps, H, K]: Householder sub-steps per token
         return ops.delta_interleave(q, k, v, beta, log_decay, steps=steps, scale=scale,
                                     initial_state=state, output_final_state=True,
-                                    cu_seqlens=cu_seqlens, reference=reference)
-    fn = ops.delta_ref if reference else ops.delta
+                                    cu_seqlens=cu_seqlens, reference=run.reference,
+                                    **run.chunking())
+    fn = ops.delta_ref if run.reference else ops.delta
     return fn(q, k, v, beta, log_decay=log_decay, scale=scale, initial_state=state,
-              output_final_state=True, cu_seqlens=cu_seqlens)
+              output_final_state=True, cu_seqlens=cu_seqlens, **run.chunking())
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
@@ -218,7 +236,7 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
     return ops.apply_rope(x.float(), theta, positions).to(x.dtype)
 
 
-def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, reference,
+def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, run: Run,
               rope_dims=None):
     """Causal (windowed, GQA) attention that appends to a KV cache; RoPE on the first
     ``rope_dims`` dims of each head (all when None).
@@ -236,12 +254,13 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, re
             pos = torch.arange(seen, seen + T, device=q.device)
         q, k = _rope(q, pos, rope_theta, rope_dims), _rope(k, pos, rope_theta, rope_dims)
     if cache is None and cu_seqlens is None:
-        fn = ops.attention_ref if reference else ops.attention
-        o = fn(q, k, v, window=window, scale=scale, softcap=softcap)
+        fn = ops.attention_ref if run.reference else ops.attention
+        o = fn(q, k, v, window=window, scale=scale, softcap=softcap, **run.chunking("block_size"))
         k_all, v_all = k, v
     elif cu_seqlens is not None:
-        fn = ops.attention_ref if reference else ops.attention
-        o = fn(q, k, v, window=window, scale=scale, softcap=softcap, cu_seqlens=cu_seqlens)
+        fn = ops.attention_ref if run.reference else ops.attention
+        o = fn(q, k, v, window=window, scale=scale, softcap=softcap, cu_seqlens=cu_seqlens,
+               **run.chunking("block_size"))
         k_all, v_all = k, v
     else:
         k_all = torch.cat([cache[0], k], dim=1)

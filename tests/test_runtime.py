@@ -40,11 +40,11 @@ def test_attention_after_a_cache_equals_full_attention(window):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 10, 4, 8, generator=g) for _ in range(3))
     k, v = k[:, :, :2], v[:, :, :2]  # GQA: 4 query heads, 2 key/value heads
-    full, _ = rt.attention(q, k, v, None, window, None, None, 10000.0, None, False)
+    full, _ = rt.attention(q, k, v, None, window, None, None, 10000.0, None, rt.DEFAULT_RUN)
     first, cache = rt.attention(q[:, :6], k[:, :6], v[:, :6], None, window, None, None, 10000.0,
-                                None, False)
+                                None, rt.DEFAULT_RUN)
     rest, _ = rt.attention(q[:, 6:], k[:, 6:], v[:, 6:], cache, window, None, None, 10000.0,
-                           None, False)
+                           None, rt.DEFAULT_RUN)
     assert_close(torch.cat([first, rest], 1), full, torch.float32, "prefix + continuation")
     if window is not None:
         assert cache[0].shape[1] == window - 1

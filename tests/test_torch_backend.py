@@ -204,3 +204,13 @@ def test_gradient_into_the_initial_state_matches_the_reference(compiled):
             assert torch.isfinite(torch.view_as_real(a) if a.is_complex() else a).all()
             assert_close(a, b, a.dtype if not a.is_complex() else torch.float32,
                          "gradient w.r.t. the initial state")
+
+
+def test_every_chunk_size_agrees(compiled):
+    """The chunked forms at several chunk sizes, T not a multiple of any, equal the default."""
+    _, _, model, _ = compiled
+    ids = _ids(model, T=45)
+    default, _ = model(ids)
+    for chunk in (8, 16, 32):
+        logits, _ = model(ids, chunk_size=chunk)
+        assert_close(logits, default, torch.float32, f"chunk_size={chunk} vs default")

@@ -27,7 +27,7 @@ from seqdsl.ir.types import TensorType
 TEMPLATES = Path(__file__).parent / "templates"
 
 _RESERVED = set(keyword.kwlist) | set(dir(builtins)) | {
-    "self", "state", "shared", "new_state", "cu_seqlens", "reference", "layer_idx", "torch",
+    "self", "state", "shared", "new_state", "cu_seqlens", "run", "layer_idx", "torch",
     "nn", "F", "rt", "math", "config", "Config", "Model"}
 
 _UNARY = {Op.NEG: "-{}", Op.SIGMOID: "torch.sigmoid({})", Op.SILU: "F.silu({})",
@@ -247,7 +247,7 @@ class _GraphEmitter:
         sub = self.submodules[scope]
         defname, kind, _, declared = sub["info"][:4]
         by_node = {nid: name for name, nid in declared}
-        ns = Namespace({"state", "shared", "layer_idx", "cu_seqlens", "reference"})
+        ns = Namespace({"state", "shared", "layer_idx", "cu_seqlens", "run"})
         names = {i: ns.name(by_node.get(i, f"in{k}")) for k, i in enumerate(sub["inputs"])}
         em = _GraphEmitter(self.g, nodes=sub["nodes"], inputs=names)
         em.scope_prefix = scope
@@ -276,7 +276,7 @@ class _GraphEmitter:
         v = self.var(out_node)
         if stateful:
             self.fwd.append(f"{v}, new_state[{attr!r}] = {call}, state.get({attr!r}, {{}}), shared, "
-                            f"layer_idx, cu_seqlens, reference){self.comment(out_node)}")
+                            f"layer_idx, cu_seqlens, run){self.comment(out_node)}")
             self.states.append(attr)
         else:
             self.fwd.append(f"{v} = {call}){self.comment(out_node)}")
@@ -534,7 +534,7 @@ class _GraphEmitter:
         av = self.operand(a, r) if self.varies(a) else f"rt.along_time({self.ref(a)}, {self.ref(b)})"
         v = self.var(node)
         self.fwd.append(f"{v}, new_state[{slot!r}] = rt.scan({av}, {self.ref(b)}, "
-                        f"state.get({slot!r}), cu_seqlens, reference)")
+                        f"state.get({slot!r}), cu_seqlens, run)")
         self.fwd.append(f"{v} = {v}.to({self.dtype_of}.dtype){self.comment(node)}")
 
     def op_linear(self, node):
@@ -551,7 +551,7 @@ class _GraphEmitter:
             if not has_heads:
                 A, dt = f"{A}.unsqueeze(0)", f"{dt}.unsqueeze(2)"
             call = (f"rt.linear({qs}, {ks}, {vs}, None, {scale}, state.get({slot!r}), cu_seqlens, "
-                    f"reference, decay_A={A}, decay_dt={dt})")
+                    f"run, decay_A={A}, decay_dt={dt})")
             self.fwd.append(f"{out}, new_state[{slot!r}] = {call}")
             if not has_heads:
                 self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
@@ -565,9 +565,9 @@ class _GraphEmitter:
             if not has_heads:
                 phase = f"{phase}.unsqueeze(2)"
             call = (f"rt.linear_complex({qs}, {ks}, {vs}, {g}, {phase}, {scale}, "
-                    f"state.get({slot!r}), cu_seqlens, reference)")
+                    f"state.get({slot!r}), cu_seqlens, run)")
         else:
-            call = f"rt.linear({qs}, {ks}, {vs}, {g}, {scale}, state.get({slot!r}), cu_seqlens, reference)"
+            call = f"rt.linear({qs}, {ks}, {vs}, {g}, {scale}, state.get({slot!r}), cu_seqlens, run)"
         self.fwd.append(f"{out}, new_state[{slot!r}] = {call}")
         if not has_heads:
             self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
@@ -587,7 +587,7 @@ class _GraphEmitter:
         out = self.var(node)
         self.fwd.append(f"{out}, new_state[{slot!r}] = rt.delta({qs}, {ks}, {vs}, {bs}, {g}, "
                         f"{node.attr('scale')!r}, {self.const(steps)}, state.get({slot!r}), "
-                        f"cu_seqlens, reference)")
+                        f"cu_seqlens, run)")
         if not has_heads:
             self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
 
@@ -601,7 +601,7 @@ class _GraphEmitter:
             f"state.get({slot!r}), window={node.attr('window')!r}, scale={node.attr('scale')!r}, "
             f"softcap={node.attr('softcap')!r}, rope_theta={theta}, "
             f"rope_dims={node.attr('rope_dims')!r}, cu_seqlens=cu_seqlens, "
-            f"reference=reference){self.comment(node)}")
+            f"run=run){self.comment(node)}")
 
 
 def _spec_ref(span, entry: str) -> str:
