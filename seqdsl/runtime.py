@@ -191,12 +191,25 @@ class Run:
 
     reference: bool = False
     chunk_size: int | None = None
+    fresh: bool = True  # the input starts its sequences (no state carried in)
 
     def chunking(self, name: str = "chunk_size") -> dict:
         return {} if self.reference or self.chunk_size is None else {name: self.chunk_size}
 
 
 DEFAULT_RUN = Run()
+
+
+def first_token(like: torch.Tensor, cu_seqlens: torch.Tensor | None, run: Run) -> torch.Tensor:
+    """[B, T]: 1 at the first token of each sequence of the input, 0 elsewhere (all 0 when the
+    input continues sequences from a carried state)."""
+    out = like.new_zeros(like.shape[:2], dtype=torch.float32)
+    if run.fresh:
+        if cu_seqlens is not None:
+            out[0, cu_seqlens[:-1].clamp(max=like.shape[1] - 1)] = 1.0
+        else:
+            out[:, 0] = 1.0
+    return out
 
 
 def scan(a, b, state, cu_seqlens, run: Run):

@@ -176,3 +176,59 @@ def test_jamba_matches_transformers():
                             us + "swiglu.out.weight": (f + "down_proj.weight", None)})
     _copy(ours, hf.state_dict(), mapping)
     _compare(ours, hf, vocab)
+
+
+def test_recurrent_gemma_matches_transformers():
+    """Griffin: RG-LRU blocks and local multi-query attention with partial rotary, 2:1."""
+    d, heads, layers, vocab, window = 32, 4, 3, 64, 8
+    cfg = transformers.RecurrentGemmaConfig(
+        vocab_size=vocab, hidden_size=d, lru_width=d, num_attention_heads=heads,
+        num_key_value_heads=1, intermediate_size=2 * 3 * d, num_hidden_layers=layers,
+        attention_window_size=window, conv1d_width=4,
+        block_types=["recurrent", "recurrent", "attention"])
+    torch.manual_seed(0)
+    hf = transformers.RecurrentGemmaForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers initialises some of these to zeros: make them count
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.normal_(0, 0.1)
+    module = seqdsl.compile(SPECS / "griffin.seq", vocab=vocab, d=d, depth=layers,
+                            rglru={"heads": heads}, local={"heads": heads, "window": window})
+    ours = module.Model().eval()
+
+    def gemma_norm(w):  # transformers' Gemma RMSNorm scales by (1 + weight)
+        return 1 + w
+
+    mapping = {"embed.weight": ("model.embed_tokens.weight", None),
+               "norm.rmsnorm.weight": ("model.final_norm.weight", gemma_norm)}
+    for i in range(layers):
+        hf_l, us = f"model.layers.{i}.", f"layers.{i}."
+        mlp = {"geglu.gate_proj": "mlp_block.gate_proj", "geglu.proj": "mlp_block.up_proj",
+               "geglu.out": "mlp_block.down_proj"}
+        for ours_name, theirs in mlp.items():
+            for kind in ("weight", "bias"):
+                mapping[us + f"{ours_name}.{kind}"] = (hf_l + f"{theirs}.{kind}", None)
+        if i % 3 == 2:
+            mapping[us + "h.weight"] = (hf_l + "temporal_pre_norm.weight", gemma_norm)
+            mapping[us + "rmsnorm.weight"] = (hf_l + "channel_pre_norm.weight", gemma_norm)
+            t = hf_l + "temporal_block."
+            for name in ("q_proj", "k_proj", "v_proj"):
+                mapping[us + f"attn.{name}.weight"] = (t + f"{name}.weight", None)
+            mapping[us + "attn.out.weight"] = (t + "o_proj.weight", None)
+            mapping[us + "attn.out.bias"] = (t + "o_proj.bias", None)
+        else:
+            mapping[us + "rmsnorm.weight"] = (hf_l + "temporal_pre_norm.weight", gemma_norm)
+            mapping[us + "rmsnorm_2.weight"] = (hf_l + "channel_pre_norm.weight", gemma_norm)
+            t, r = hf_l + "temporal_block.", us + "rglru."
+            for ours_name, theirs in (("gate_proj", "linear_y"), ("u_proj", "linear_x"),
+                                      ("u", "conv_1d"), ("out", "linear_out")):
+                for kind in ("weight", "bias"):
+                    mapping[r + f"{ours_name}.{kind}"] = (t + f"{theirs}.{kind}", None)
+            # a = sigmoid(L)^(8 r) here; exp(-8 r softplus(p)) there: L = -p
+            mapping[r + "log_a_weight"] = (t + "rg_lru.recurrent_param", lambda p: -p)
+            for ours_name, theirs in (("r_proj", "recurrent_gate"), ("i_proj", "input_gate")):
+                mapping[r + f"{ours_name}.weight"] = (t + f"rg_lru.{theirs}_weight", None)
+                mapping[r + f"{ours_name}.bias"] = (t + f"rg_lru.{theirs}_bias",
+                                                    lambda b: b.flatten())
+    _copy(ours, hf.state_dict(), mapping)
+    _compare(ours, hf, vocab)

@@ -320,6 +320,10 @@ class _GraphEmitter:
     def op_output(self, node):
         self.fwd.append(f"return {self.ref(node.inputs[0])}")
 
+    def op_first(self, node):
+        self.tv[node.id] = True
+        self.assign(node, f"rt.first_token({self.dtype_of}, cu_seqlens, run)")
+
     def op_layer_index(self, node):
         self.tv[node.id] = False
         self.vars[node.id] = "layer_idx"

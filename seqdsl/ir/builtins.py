@@ -80,6 +80,11 @@ _TABLE: list[Builtin] = [
     Builtin("round", Op.ROUND, (_c("x"),), "round to the nearest integer", category="const"),
     Builtin("int", Op.TO_INT, (_c("x"),), "convert to an integer", category="const"),
     Builtin("float", Op.TO_FLOAT, (_c("x"),), "convert to a float", category="const"),
+    Builtin("bfloat16", Op.TO_BF16, (_c("x"),),
+            "a number rounded to bfloat16 precision (to match constants stored in bf16)",
+            category="const"),
+    Builtin("first", Op.FIRST, (), "1 at the first token of each sequence, 0 elsewhere "
+            "(0 everywhere when continuing from a state)"),
     Builtin("min", Op.MIN, (_c("a"), _c("b")), "smallest argument", variadic=True,
             category="const"),
     Builtin("max", Op.MAX, (_c("a"), _c("b")), "largest argument", variadic=True,

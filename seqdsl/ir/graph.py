@@ -149,7 +149,7 @@ class Graph:
         The rest (parameters, constants, shared tables, the layer index) is per-token constant."""
         out: set[int] = set()
         for node in self.nodes():
-            if node.op.value == "input" or any(i in out for i in node.inputs):
+            if node.op.value in ("input", "first") or any(i in out for i in node.inputs):
                 out.add(node.id)
         return out
 

@@ -12,6 +12,7 @@ class Op(enum.Enum):
     PARAM = "param"            # a learnable tensor: param(shape, init=...)
     SHARED = "shared"          # reads a cross-layer shared value by name
     LAYER_INDEX = "layer"      # the index of the layer this block instance runs as
+    FIRST = "first"            # 1 at the first token of each sequence, 0 elsewhere
     # arithmetic (elementwise, broadcasting)
     ADD = "add"
     SUB = "sub"
@@ -56,6 +57,7 @@ class Op(enum.Enum):
     MAX = "max"
     TO_INT = "int"
     TO_FLOAT = "float"
+    TO_BF16 = "bfloat16"       # a constant rounded to bfloat16 precision
     # complex numbers
     EXPI = "expi"
     COMPLEX = "complex"
@@ -99,7 +101,8 @@ COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
 LOGIC = frozenset({Op.AND, Op.OR, Op.NOT})
 ELEMENTWISE_UNARY = frozenset({Op.NEG, Op.SIGMOID, Op.SILU, Op.GELU, Op.RELU, Op.SOFTPLUS,
                                Op.TANH, Op.EXP, Op.LOG, Op.LOGSIGMOID, Op.SQRT, Op.ABS})
-CONST_ONLY = frozenset({Op.CEIL, Op.FLOOR, Op.ROUND, Op.MIN, Op.MAX, Op.TO_INT, Op.TO_FLOAT}) \
+CONST_ONLY = frozenset({Op.CEIL, Op.FLOOR, Op.ROUND, Op.MIN, Op.MAX, Op.TO_INT, Op.TO_FLOAT,
+                        Op.TO_BF16}) \
     | COMPARE | LOGIC
 COMPLEX_OPS = frozenset({Op.EXPI, Op.COMPLEX, Op.REAL, Op.IMAG})
 SHAPE_OPS = frozenset({Op.SPLIT, Op.GETITEM, Op.CONCAT, Op.HEADS, Op.FLATTEN, Op.INDEX})

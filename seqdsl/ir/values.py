@@ -170,11 +170,19 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
+def _bf16(x: float) -> float:
+    """Round to the nearest bfloat16 (ties to even), as torch does when storing a constant."""
+    import struct
+    bits = struct.unpack("<I", struct.pack("<f", float(x)))[0]
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return struct.unpack("<f", struct.pack("<I", (bits >> 16) << 16))[0]
+
+
 #: functions of constants, by op
 FUNCTIONS: dict[Op, object] = {
     Op.CEIL: _num1(math.ceil, "ceil"), Op.FLOOR: _num1(math.floor, "floor"),
     Op.ROUND: _num1(round, "round"), Op.TO_INT: _num1(int, "int"),
-    Op.TO_FLOAT: _num1(float, "float"), Op.SQRT: _num1(math.sqrt, "sqrt"),
+    Op.TO_FLOAT: _num1(float, "float"), Op.TO_BF16: _num1(_bf16, "bfloat16"), Op.SQRT: _num1(math.sqrt, "sqrt"),
     Op.EXP: _num1(math.exp, "exp"), Op.LOG: _num1(math.log, "log"),
     Op.ABS: _num1(abs, "abs"), Op.TANH: _num1(math.tanh, "tanh"),
     Op.SIGMOID: _num1(_sigmoid, "sigmoid"), Op.SILU: _num1(lambda x: x * _sigmoid(x), "silu"),

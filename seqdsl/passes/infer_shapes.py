@@ -256,6 +256,9 @@ class _Infer:
         rng = _binary_range(node.op, a.range, b.range) if dtype == "real" else UNBOUNDED
         return TensorType(shape, dtype, rng)
 
+    def op_first(self, node):
+        return TensorType((), "real", Interval(0.0, 1.0))
+
     def op_select(self, node):  # only reached when the condition did not fold
         raise error(node.span, "the condition must be a compile-time constant")
 
