@@ -955,3 +955,14 @@ def test_circular_import_of_an_edited_buffer(tmp_path):
     assert first.message.startswith("circular import: ")
     assert [Path(p).name for p in first.message[len("circular import: "):].split(" -> ")] == \
         ["main.seq", "lib.seq", "main.seq"]
+
+
+def test_first_is_not_allowed_in_a_shared_value(tmp_path):
+    spec = tmp_path / "m.seq"
+    spec.write_text("model m(vocab = 10, d = 8) {\n  shared s = first() * param([d], init = ones)\n"
+                    "  layers = [b]\n}\nblock b { x = x + s * x }\n")
+    with pytest.raises(seqdsl.SpecError) as info:
+        seqdsl.load(spec)
+    d = info.value.first
+    assert (d.span.line, d.span.col) == (2, 14)
+    assert d.message.startswith("first() varies from token to token")

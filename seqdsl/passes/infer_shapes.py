@@ -120,13 +120,14 @@ def _const_range(v) -> Interval:
 
 class _Infer:
     def __init__(self, program: Program, graph: Graph, shared_types: dict[str, TensorType],
-                 instance: BlockInstance | None):
+                 instance: BlockInstance | None, is_shared: bool = False):
         self.program = program
         self.g = graph
         self.shared_types = shared_types
         self.instance = instance
         self.d = program.config.get("d")
         self.types: dict[int, object] = {}
+        self.shared_graph = is_shared
 
     # -- accessors with good errors
     def tensor(self, nid: int, what: str) -> TensorType:
@@ -257,6 +258,9 @@ class _Infer:
         return TensorType(shape, dtype, rng)
 
     def op_first(self, node):
+        if self.shared_graph:
+            raise error(node.span, "first() varies from token to token; a shared value is one "
+                        "per model", "use first() inside a block, mixer or fn")
         return TensorType((), "real", Interval(0.0, 1.0))
 
     def op_select(self, node):  # only reached when the condition did not fold
@@ -789,7 +793,7 @@ def infer_shapes(program: Program) -> Program:
     shared = program.shared
     if shared is not None:
         with collector.guard():
-            shared = _Infer(program, shared.copy(), {}, None).run()
+            shared = _Infer(program, shared.copy(), {}, None, is_shared=True).run()
             for name, nid in program.shared_outputs.items():
                 t = shared.node(nid).type
                 if not isinstance(t, TensorType):
