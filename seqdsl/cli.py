@@ -1,6 +1,7 @@
 """The ``seqdsl`` command line.
 
-    seqdsl check FILE...             diagnostics, or "ok" per file
+    seqdsl check FILE...             diagnostics, or "ok" per file (FILE: a path, or a bundled
+                                     spec's name such as `mamba`)
     seqdsl ir FILE [--after PASS]    the IR in its stable text form
     seqdsl info FILE                 parameters, decoding memory and FLOPs per token, per layer
 
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the quick start's main job: compile a spec, run a forward "
                                     "and a short generation, summarise",
                        epilog=EPILOG)
-    p.add_argument("file", metavar="FILE", nargs="?", default="specs/mamba.seq")
+    p.add_argument("file", metavar="FILE", nargs="?", default="mamba",
+                   help="a .seq file or the name of a bundled spec (default: mamba)")
     add_set(p)
     p.add_argument("--prompt", type=int, default=32, metavar="T", help="prompt length (default 32)")
     p.add_argument("--new-tokens", type=int, default=16, metavar="N",
@@ -298,9 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bundled(path: str) -> str:
+    """A FILE argument: the path itself, or a bundled spec named like it (`mamba`, `mamba.seq`)
+    when no such file exists, so the commands work from any folder."""
+    if os.path.exists(path) or os.sep in path or "/" in path:
+        return path
+    import importlib.resources
+    name = path if path.endswith(".seq") else f"{path}.seq"
+    candidate = importlib.resources.files("seqdsl.specs") / name
+    return str(candidate) if candidate.is_file() else path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "file", None):
+        args.file = bundled(args.file)
+    if getattr(args, "files", None):
+        args.files = [bundled(f) for f in args.files]
     try:
         return args.func(args)
     except SpecError as err:  # e.g. a malformed --set value

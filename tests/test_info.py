@@ -90,3 +90,11 @@ def test_set_overrides_on_the_cli(capsys):
     assert main(["info", str(SPECS / "mamba.seq"), "--set", "depth=2", "--set", "mamba.n=8"]) == 0
     out = capsys.readouterr().out
     assert "  0 " in out and "  2 " not in out.split("embedding")[0]
+
+
+def test_bundled_specs_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no specs/ folder here
+    assert main(["check", "mamba", "griffin.seq"]) == 0
+    out = capsys.readouterr().out
+    assert "mamba.seq: ok" in out and "griffin.seq: ok" in out
+    assert main(["check", "no_such_spec"]) == 1
