@@ -153,11 +153,7 @@ class ModelInfo:
 
     @property
     def head_flops(self) -> int:
-        return 2 * self.head_params_equiv
-
-    @property
-    def head_params_equiv(self) -> int:
-        return self.embedding_params  # the head multiplies by a [vocab, d] matrix, tied or not
+        return 2 * self.embedding_params  # the head multiplies by a [vocab, d] matrix, tied or not
 
 
 def model_info(program: Program, context: int = 2048, activation_dtype: str = "bfloat16") -> ModelInfo:

@@ -266,11 +266,7 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
         else:
             pos = torch.arange(seen, seen + T, device=q.device)
         q, k = _rope(q, pos, rope_theta, rope_dims), _rope(k, pos, rope_theta, rope_dims)
-    if cache is None and cu_seqlens is None:
-        fn = ops.attention_ref if run.reference else ops.attention
-        o = fn(q, k, v, window=window, scale=scale, softcap=softcap, **run.chunking("block_size"))
-        k_all, v_all = k, v
-    elif cu_seqlens is not None:
+    if cache is None or cu_seqlens is not None:
         fn = ops.attention_ref if run.reference else ops.attention
         o = fn(q, k, v, window=window, scale=scale, softcap=softcap, cu_seqlens=cu_seqlens,
                **run.chunking("block_size"))

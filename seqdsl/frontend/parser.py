@@ -13,7 +13,7 @@ import importlib.resources
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
-from lark.lexer import Lexer, PatternStr
+from lark.lexer import PatternStr
 
 from seqdsl.diagnostics import SourceRegistry, Span, error
 from seqdsl.frontend import ast

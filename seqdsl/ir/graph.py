@@ -153,13 +153,6 @@ class Graph:
                 out.add(node.id)
         return out
 
-    def subgraphs(self) -> Iterator["Graph"]:
-        """Graphs nested in node attributes (the expert body of EXPERTS nodes), recursively."""
-        for n in self.nodes():
-            body = n.attr("body")
-            if isinstance(body, Graph):
-                yield body
-                yield from body.subgraphs()
 
 
 @dataclass(frozen=True)

@@ -115,19 +115,7 @@ class TupleType:
         return "(" + ", ".join(str(i) for i in self.items) + ")"
 
 
-@dataclass(frozen=True)
-class LayerIndexType:
-    """The layer index: an integer known per layer at run time, not at compile time."""
-
-    def __str__(self) -> str:
-        return "layer index"
-
-
-Type = TensorType | ConstType | TupleType | LayerIndexType
-
-
-def same_sizes(a: TensorType, b: TensorType) -> bool:
-    return a.sizes == b.sizes
+Type = TensorType | ConstType | TupleType
 
 
 def shape_str(shape: tuple[Dim, ...]) -> str:

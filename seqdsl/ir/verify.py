@@ -87,8 +87,6 @@ def verify(program: Program) -> None:
         for name, inst in program.blocks.items():
             _check(inst.graph is not None, f"block {name}", "no graph")
             verify_graph(inst.graph, f"block {name}", program, block=True)
-            for sub in inst.graph.subgraphs():
-                verify_graph(sub, f"block {name} (nested)", program, block=False)
         if program.final_norm is not None:
             verify_graph(program.final_norm, "final_norm", program, block=True)
         if program.shared is not None:

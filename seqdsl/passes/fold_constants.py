@@ -53,10 +53,6 @@ def _wrap(s: str, op: Op | None = None, right: bool = False) -> str:
     return f"({s})" if needs else s
 
 
-def _is_const(g: Graph, nid: int) -> bool:
-    return g.node(nid).op is Op.CONST
-
-
 def fold_graph(g: Graph, outputs: dict[str, int] | None = None) -> Graph:
     """Fold ``g``; ``outputs`` (the shared graph's named results, which has no single output)
     is updated in place when a folded conditional replaces one of them."""

@@ -16,7 +16,7 @@ from seqdsl.ir.types import Dim, TensorType
 
 
 def _state_dtype(graph, node) -> str:
-    base = graph.node(node.inputs[-1 if node.op is Op.SCAN else _DTYPE_POS[node.op]]).attr("value")
+    base = graph.node(node.inputs[_DTYPE_POS[node.op]]).attr("value")
     if node.attr("complex"):
         return "complex64" if base == "float32" else "complex128"
     return base

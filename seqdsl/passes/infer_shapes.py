@@ -14,7 +14,7 @@ import math
 from seqdsl.diagnostics import Collector, SpecError, error
 from seqdsl.ir.builtins import BUILTINS, InitRule
 from seqdsl.ir.graph import BlockInstance, Graph, Program
-from seqdsl.ir.ops import (BINARY_ARITH, COMPARE, CONST_ONLY, ELEMENTWISE_UNARY, LOGIC, NORMS,
+from seqdsl.ir.ops import (BINARY_ARITH, COMPARE, CONST_ONLY, ELEMENTWISE_UNARY, LOGIC,
                            TIME_MIXING, Op)
 from seqdsl.ir.types import (UNBOUNDED, ConstType, Dim, Interval, TensorType, TupleType, broadcast,
                              dim_div, dim_mul, dim_sum, shape_str)
