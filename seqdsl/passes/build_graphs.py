@@ -167,19 +167,23 @@ class _Builder:
         # the call: definition, kind, call site, and the nodes bound to its tensor inputs
         self.g.scopes[inner_scope] = (d.name, d.kind, call.span,
                                       tuple((name, inner[name]) for name in d.inputs))
-        overrides = self.spec.def_overrides.get(d.name, {})
-        for h in d.hyper:
-            if h.name in bound.args:
-                inner[h.name] = self.expr(bound.args[h.name], env, scope)
-            elif h.name in overrides:
-                inner[h.name] = self.const(overrides[h.name], h.span, sym=h.name, scope=inner_scope)
-            else:
-                inner[h.name] = self.default(h, inner, inner_scope)
+        self.hyper(d, inner, inner_scope, lambda h: self.expr(bound.args[h.name], env, scope)
+                   if h.name in bound.args else None)
         self.call_stack.append(d.name)
         try:
             return self.body(d, inner, inner_scope)
         finally:
             self.call_stack.pop()
+
+    def hyper(self, d, env: dict[str, int], scope, given) -> None:
+        """Bind d's hyper-parameters into env: the value the caller gave (``given(h)`` returns
+        its node, or None), else a --set override, else the default built in d's scope."""
+        overrides = self.spec.def_overrides.get(d.name, {})
+        for h in d.hyper:
+            nid = given(h)
+            if nid is None and h.name in overrides:
+                nid = self.const(overrides[h.name], h.span, sym=h.name, scope=scope)
+            env[h.name] = nid if nid is not None else self.default(h, env, scope)
 
     def default(self, h, env, scope) -> int:
         """Build a hyper-parameter's default; the value is named after the parameter, so dims
@@ -229,14 +233,8 @@ class _Builder:
         self.g.inputs = [("x", x)]
         env = {"x": x}
         args = dict(inst.args)
-        overrides = self.spec.def_overrides.get(d.name, {})
-        for h in d.hyper:
-            if h.name in args:
-                env[h.name] = self.const(args[h.name], h.span, sym=h.name)
-            elif h.name in overrides:
-                env[h.name] = self.const(overrides[h.name], h.span, sym=h.name)
-            else:
-                env[h.name] = self.default(h, env, ())
+        self.hyper(d, env, (), lambda h: self.const(args[h.name], h.span, sym=h.name)
+                   if h.name in args else None)
         out = self.body(d, env, ())
         self.g.output = self.g.add(Op.OUTPUT, (out,), d.name_span)
         return self.g.prune()
