@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", default=".", metavar="DIR",
                    help="folder to write the package into (default: the current folder)")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="code generator")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                   help="code generator: torch modules, or torch modules calling generated Triton kernels")
     add_set(p)
     p.set_defaults(func=cmd_compile)
 

@@ -192,6 +192,7 @@ class Run:
     reference: bool = False
     chunk_size: int | None = None
     fresh: bool = True  # the input starts its sequences (no state carried in)
+    backend: str = "auto"  # cores with generated kernels: "auto" (Triton on CUDA), "triton", "torch"
 
     def chunking(self, name: str = "chunk_size") -> dict:
         return {} if self.reference or self.chunk_size is None else {name: self.chunk_size}
@@ -212,26 +213,60 @@ def first_token(like: torch.Tensor, cu_seqlens: torch.Tensor | None, run: Run) -
     return out
 
 
-def scan(a, b, state, cu_seqlens, run: Run):
+def _triton(kernel, run: Run, *tensors) -> bool:
+    """Whether this core call runs its generated Triton kernels (never on the reference path)."""
+    if kernel is None or run.reference:
+        return False
+    from seqdsl.backends.triton.support import use_triton
+    return use_triton(run.backend, *tensors)
+
+
+def scan(a, b, state, cu_seqlens, run: Run, kernel=None):
+    if _triton(kernel, run, b):
+        return kernel.triton(a, b, initial_state=state, cu_seqlens=cu_seqlens)
+    if kernel is not None:
+        a, b = (kernel.torch_operands(a=a, b=b)[n] for n in ("a", "b"))
     fn = ops.scan_ref if run.reference else ops.scan
     return fn(a, b, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
 
 
-def linear(q, k, v, log_decay, scale, state, cu_seqlens, run: Run, decay_A=None, decay_dt=None):
+def linear(q, k, v, log_decay, scale, state, cu_seqlens, run: Run, decay_A=None, decay_dt=None,
+           kernel=None):
+    if _triton(kernel, run, v):
+        return kernel.triton(q, k, v, log_decay, initial_state=state, cu_seqlens=cu_seqlens,
+                             decay_A=decay_A, decay_dt=decay_dt)
+    if kernel is not None:
+        x = kernel.torch_operands(q=q, k=k, v=v, g=log_decay, dt=decay_dt)
+        q, k, v, log_decay, decay_dt = x["q"], x["k"], x["v"], x["g"], x["dt"]
     fn = ops.linear_ref if run.reference else ops.linear
     return fn(q, k, v, log_decay=log_decay, scale=scale, initial_state=state,
               output_final_state=True, cu_seqlens=cu_seqlens, decay_A=decay_A, decay_dt=decay_dt,
               **run.chunking())
 
 
-def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, run: Run):
+def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, run: Run,
+                   kernel=None):
+    if _triton(kernel, run, v):  # the lowering to a real per-key decay, then the kernels
+        return ops.linear_complex(q, k, v, log_magnitude, phase, scale=scale, initial_state=state,
+                                  output_final_state=True, cu_seqlens=cu_seqlens,
+                                  core=kernel.triton)
     fn = ops.linear_complex_ref if run.reference else ops.linear_complex
     return fn(q, k, v, log_magnitude, phase, scale=scale, initial_state=state,
               output_final_state=True, cu_seqlens=cu_seqlens, **run.chunking())
 
 
-def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, run: Run):
-    if k.dim() == q.dim() + 1:  # [B, T, steps, H, K]: Householder sub-steps per token
+def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, run: Run, kernel=None):
+    stepped = k.dim() == q.dim() + 1  # [B, T, steps, H, K]: Householder sub-steps per token
+    if _triton(kernel, run, v):
+        if stepped:  # lowered to T * steps sub-tokens, then the kernels
+            return ops.delta_interleave(q, k, v, beta, log_decay, steps=steps, scale=scale,
+                                        initial_state=state, output_final_state=True,
+                                        cu_seqlens=cu_seqlens, core=kernel.triton)
+        return kernel.triton(q, k, v, beta, log_decay, initial_state=state, cu_seqlens=cu_seqlens)
+    if kernel is not None:
+        x = kernel.torch_operands(q=q, k=k, v=v, beta=beta, g=log_decay)
+        q, k, v, beta, log_decay = x["q"], x["k"], x["v"], x["beta"], x["g"]
+    if stepped:
         return ops.delta_interleave(q, k, v, beta, log_decay, steps=steps, scale=scale,
                                     initial_state=state, output_final_state=True,
                                     cu_seqlens=cu_seqlens, reference=run.reference,
@@ -250,7 +285,7 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
 
 
 def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, run: Run,
-              rope_dims=None):
+              rope_dims=None, kernel=None):
     """Causal (windowed, GQA) attention that appends to a KV cache; RoPE on the first
     ``rope_dims`` dims of each head (all when None).
 
@@ -266,7 +301,17 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
         else:
             pos = torch.arange(seen, seen + T, device=q.device)
         q, k = _rope(q, pos, rope_theta, rope_dims), _rope(k, pos, rope_theta, rope_dims)
-    if cache is None or cu_seqlens is not None:
+    if _triton(kernel, run, q):
+        if cache is None or cu_seqlens is not None:
+            o = kernel.triton(q, k, v, cu_seqlens=cu_seqlens)
+            k_all, v_all = k, v
+        else:
+            k_all = torch.cat([cache[0], k], dim=1)
+            v_all = torch.cat([cache[1], v], dim=1)
+            o = torch.stack([kernel.decode(q[:, i], k_all[:, :k_all.shape[1] - T + i + 1],
+                                           v_all[:, :v_all.shape[1] - T + i + 1])
+                             for i in range(T)], dim=1)
+    elif cache is None or cu_seqlens is not None:
         fn = ops.attention_ref if run.reference else ops.attention
         o = fn(q, k, v, window=window, scale=scale, softcap=softcap, cu_seqlens=cu_seqlens,
                **run.chunking("block_size"))

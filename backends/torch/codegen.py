@@ -512,6 +512,12 @@ class _GraphEmitter:
         self.assign(node, f"rt.mixture({self.ref(node.inputs[1])}, {path}, {args})")
 
     # -- cores
+    def _kernel(self, node) -> str:
+        """`, kernel=K.<site>` when a kernel backend generated kernels for this core call."""
+        sites = self.registry.kernel_sites if self.registry is not None else None
+        name = sites(self.g, node) if sites is not None else None
+        return f", kernel=K.{name}" if name else ""
+
     def _core_qk(self, nid: int, node, head_dim: int) -> str:
         """q or k as [B, T, (steps,) Hk, K]: add a missing head dim. `linear` takes q/k heads
         that each serve H / Hk value heads as they are; `delta` needs them repeated to H."""
@@ -538,7 +544,7 @@ class _GraphEmitter:
         av = self.operand(a, r) if self.varies(a) else f"rt.along_time({self.ref(a)}, {self.ref(b)})"
         v = self.var(node)
         self.fwd.append(f"{v}, new_state[{slot!r}] = rt.scan({av}, {self.ref(b)}, "
-                        f"state.get({slot!r}), cu_seqlens, run)")
+                        f"state.get({slot!r}), cu_seqlens, run{self._kernel(node)})")
         self.fwd.append(f"{v} = {v}.to({self.dtype_of}.dtype){self.comment(node)}")
 
     def op_linear(self, node):
@@ -555,7 +561,7 @@ class _GraphEmitter:
             if not has_heads:
                 A, dt = f"{A}.unsqueeze(0)", f"{dt}.unsqueeze(2)"
             call = (f"rt.linear({qs}, {ks}, {vs}, None, {scale}, state.get({slot!r}), cu_seqlens, "
-                    f"run, decay_A={A}, decay_dt={dt})")
+                    f"run, decay_A={A}, decay_dt={dt}{self._kernel(node)})")
             self.fwd.append(f"{out}, new_state[{slot!r}] = {call}")
             if not has_heads:
                 self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
@@ -569,9 +575,10 @@ class _GraphEmitter:
             if not has_heads:
                 phase = f"{phase}.unsqueeze(2)"
             call = (f"rt.linear_complex({qs}, {ks}, {vs}, {g}, {phase}, {scale}, "
-                    f"state.get({slot!r}), cu_seqlens, run)")
+                    f"state.get({slot!r}), cu_seqlens, run{self._kernel(node)})")
         else:
-            call = f"rt.linear({qs}, {ks}, {vs}, {g}, {scale}, state.get({slot!r}), cu_seqlens, run)"
+            call = (f"rt.linear({qs}, {ks}, {vs}, {g}, {scale}, state.get({slot!r}), cu_seqlens, "
+                    f"run{self._kernel(node)})")
         self.fwd.append(f"{out}, new_state[{slot!r}] = {call}")
         if not has_heads:
             self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
@@ -591,7 +598,7 @@ class _GraphEmitter:
         out = self.var(node)
         self.fwd.append(f"{out}, new_state[{slot!r}] = rt.delta({qs}, {ks}, {vs}, {bs}, {g}, "
                         f"{node.attr('scale')!r}, {self.const(steps)}, state.get({slot!r}), "
-                        f"cu_seqlens, run)")
+                        f"cu_seqlens, run{self._kernel(node)})")
         if not has_heads:
             self.fwd.append(f"{out} = {out}.squeeze(2){self.comment(node)}")
 
@@ -605,7 +612,7 @@ class _GraphEmitter:
             f"state.get({slot!r}), window={node.attr('window')!r}, scale={node.attr('scale')!r}, "
             f"softcap={node.attr('softcap')!r}, rope_theta={theta}, "
             f"rope_dims={node.attr('rope_dims')!r}, cu_seqlens=cu_seqlens, "
-            f"run=run){self.comment(node)}")
+            f"run=run{self._kernel(node)}){self.comment(node)}")
 
 
 def _spec_ref(span, entry: str) -> str:
@@ -617,8 +624,10 @@ class ClassRegistry:
     """Every generated class, in definition order, once: a mixer called identically from several
     blocks (same generated code) is one class; different specialisations get numbered names."""
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, kernel_sites=None):
         self.program = program
+        #: (graph, core node) -> the generated kernel site's name, or None (torch ops only)
+        self.kernel_sites = kernel_sites
         self.views: list[ModuleView] = []
         self._by_body: dict[tuple, str] = {}
         self._names = Namespace({"Block"})
@@ -663,10 +672,12 @@ def _shared_view(registry: ClassRegistry) -> str | None:
                                    "", em.init, em.fwd, em.inits, [], stateful=False))
 
 
-def build_view(program: Program) -> dict:
+def build_view(program: Program, kernel_sites=None) -> dict:
+    """The template's view of the program. ``kernel_sites(graph, node)`` names the generated
+    kernel site of a core call (a kernel backend passes it); the module then imports ``kernels``."""
     spec = program.spec
     model = spec.model
-    registry = ClassRegistry(program)
+    registry = ClassRegistry(program, kernel_sites)
     shared = _shared_view(registry)
     class_of: dict[str, str] = {}
     for name, inst in program.blocks.items():
@@ -699,6 +710,7 @@ def build_view(program: Program) -> dict:
         "embed_scale": repr(s.embed_scale),
         "softcap": repr(s.logit_softcap),
         "embed_init": s.embed_init or InitRule("normal", (("std", 0.02),)),
+        "kernels": kernel_sites is not None,
     }
 
 
@@ -708,9 +720,9 @@ def _env() -> jinja2.Environment:
                               trim_blocks=True, lstrip_blocks=True)
 
 
-def generate_source(program: Program) -> str:
+def generate_source(program: Program, kernel_sites=None) -> str:
     """The generated module's source; parsed with ``ast`` before it is returned."""
-    source = _env().get_template("model.py.j2").render(**build_view(program))
+    source = _env().get_template("model.py.j2").render(**build_view(program, kernel_sites))
     ast.parse(source)
     return source
 

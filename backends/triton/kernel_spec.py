@@ -36,3 +36,21 @@ class KernelSpec:
     @property
     def hkv(self) -> int:
         return self.HKV or self.H
+
+    def prologue_of(self, operand: str) -> list:
+        """The fused producer chain of one operand (innermost first); [] when none."""
+        for name, chain in self.prologue:
+            if name == operand:
+                return list(chain)
+        return []
+
+    @property
+    def prologue_text(self) -> str:
+        """e.g. ``k = l2norm(silu(k)); beta = sigmoid(beta)``."""
+        parts = []
+        for name, chain in self.prologue:
+            expr = name
+            for op, *params in chain:
+                expr = f"dt * {expr}" if op == "mul_dt" else f"{op}({expr})"
+            parts.append(f"{name} = {expr}")
+        return "; ".join(parts)

@@ -89,3 +89,51 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---- fused prologues on the torch path -------------------------------------------------------
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.softplus(x)
+
+
+_PROLOGUE_OPS = {
+    "sigmoid": torch.sigmoid,
+    "logsigmoid": torch.nn.functional.logsigmoid,
+    "softplus": _softplus,
+    "silu": torch.nn.functional.silu,
+    "exp": torch.exp,
+    "neg": torch.neg,
+}
+
+
+def apply_prologue(prologue: tuple, operands: dict) -> dict:
+    """The torch path of a fused site: apply each operand's producer chain (innermost first) as
+    the IR wrote it, so that the torch ops see the same operands the kernels compute inside."""
+    out = dict(operands)
+    for name, chain in sorted(prologue, key=lambda item: item[0] != "dt"):  # dt before v
+        x = out[name]
+        for op, *params in chain:
+            if op == "l2norm":
+                xf = x.float()
+                x = (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + params[0])).to(x.dtype)
+            elif op == "mul_dt":
+                x = out["dt"].to(x.dtype) * x
+            else:
+                x = _PROLOGUE_OPS[op](x.float() if name in ("g", "beta", "dt") else x)
+        out[name] = x
+    return out
+
+
+@dataclass(frozen=True)
+class Site:
+    """One core call site of a compiled model: its Triton entry points and, for the torch
+    path, its fused prologue (``apply_prologue``)."""
+
+    name: str
+    prologue: tuple = ()
+    triton: object = None        # the chunked/recurrent entry: the core's ops signature
+    decode: object = None        # attention: one query against a KV cache
+
+    def torch_operands(self, **operands) -> dict:
+        return apply_prologue(self.prologue, operands) if self.prologue else operands

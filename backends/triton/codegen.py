@@ -1,0 +1,206 @@
+"""The triton code generator: a lowered Program → the torch module plus ``kernels.py``.
+
+Data flow:
+
+1. :func:`fuse_prologues` (a backend lowering on the IR) moves single-use elementwise producers of
+   core operands into the core node's ``prologue`` attribute (``k = l2norm(silu(x))``,
+   ``beta = sigmoid(x)``, ``log_decay = logsigmoid(x)``, Mamba's ``v = dt * x`` and
+   ``dt = softplus(x)``), so that the kernels compute them in registers instead of reading
+   materialised tensors. The IR decides what is fused; the templates only render the chains.
+2. :func:`kernel_spec` derives one :class:`KernelSpec` per core node (core, heads, head dims,
+   decay kind, scale, steps, window, softcap, prologue, block sizes); equal specs across layers
+   share one set of kernels.
+3. The torch generator writes the model as usual, passing ``kernel=K.<site>`` to each core call;
+   the templates in ``templates/`` render each site's kernels, autograd functions and entry points
+   into ``kernels.py``. Both files are ``ast.parse``d before they are returned.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import jinja2
+
+from seqdsl import __version__
+from seqdsl.backends.torch.codegen import Namespace, _literal, _spec_ref, generate_source
+from seqdsl.ir.graph import BlockInstance, Graph, Program
+from seqdsl.ir.ops import Op
+from seqdsl.ir.types import TensorType
+
+from .kernel_spec import KernelSpec
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+#: elementwise unary ops a kernel can compute on a loaded tile (and differentiate)
+FUSIBLE = {Op.SIGMOID: "sigmoid", Op.LOGSIGMOID: "logsigmoid", Op.SOFTPLUS: "softplus",
+           Op.SILU: "silu", Op.EXP: "exp", Op.NEG: "neg"}
+#: operand positions of each core's node inputs that take a prologue
+OPERANDS = {Op.SCAN: {"a": 0, "b": 1},
+            Op.LINEAR: {"q": 0, "k": 1, "v": 2, "g": 4},
+            Op.DELTA: {"q": 0, "k": 1, "v": 2, "beta": 3, "g": 5}}
+#: operands whose whole row (head dim) a program holds, so row ops (l2norm) can fuse
+ROW_OPERANDS = ("q", "k")
+#: state tile budget (fp32 entries) of one recurrent program: keeps the backward's tiles in registers
+TILE = 2048
+#: steps between the recurrent forward's state checkpoints (the backward restarts from them)
+CHECKPOINT = 32
+
+
+# ---- 1. fusion -------------------------------------------------------------------------------
+
+def _operand_positions(node) -> dict[str, int]:
+    positions = dict(OPERANDS[node.op])
+    if node.attr("factored"):  # the log decay slot holds dt; A rides as an extra input
+        positions["dt"] = positions.pop("g")
+    if node.op is Op.DELTA and (node.attr("steps") or 1) > 1:
+        positions.pop("g")  # the interleaving pads the gate with zeros: fuse nothing into it
+    return positions
+
+
+def _peel(g: Graph, core, name: str, pos: int, positions: dict[str, int]):
+    """One fusible producer of ``core``'s input ``pos``, read by the core alone: (op, raw input)."""
+    src = g.node(core.inputs[pos])
+    if g.users(src.id) != [core.id] or g.output == src.id or not isinstance(src.type, TensorType):
+        return None
+    ins = [g.node(i) for i in src.inputs]
+    if src.op in FUSIBLE and isinstance(ins[0].type, TensorType) and \
+            ins[0].type.sizes == src.type.sizes:
+        return (FUSIBLE[src.op],), src.inputs[0]
+    if src.op is Op.L2NORM and name in ROW_OPERANDS and ins[1].op is Op.CONST and \
+            isinstance(ins[0].type, TensorType):
+        return ("l2norm", float(ins[1].attr("value"))), src.inputs[0]
+    if src.op is Op.MUL and name == "v" and "dt" in positions:
+        dt = core.inputs[positions["dt"]]
+        for a, b in (src.inputs, tuple(reversed(src.inputs))):
+            tb = g.node(b).type
+            if a == dt and isinstance(tb, TensorType) and tb.sizes == src.type.sizes:
+                return ("mul_dt",), b
+    return None
+
+
+def fuse_prologues(g: Graph) -> Graph:
+    """Move single-use elementwise producers of core operands into the cores' ``prologue``."""
+    g = g.copy()
+    for node in list(g.nodes()):
+        if node.op not in OPERANDS or node.attr("decay_kind") == "complex_key" or \
+                node.attr("complex"):
+            continue
+        positions = _operand_positions(node)
+        prologue = {}
+        for name in sorted(positions, key=lambda n: n != "v"):  # v first: it may read dt
+            chain = []
+            while True:
+                core = g.node(node.id)
+                peeled = _peel(g, core, name, positions[name], positions)
+                if peeled is None:
+                    break
+                op, raw = peeled
+                old = core.inputs[positions[name]]
+                inputs = list(core.inputs)
+                inputs[positions[name]] = raw
+                g.set(core.replace(inputs=tuple(inputs)))
+                if not g.users(old):
+                    g.remove(old)
+                chain.insert(0, op)
+            if chain:
+                prologue[name] = tuple(chain)
+        if prologue:
+            g.set(g.node(node.id).with_attrs(prologue=tuple(sorted(prologue.items()))))
+    return g.prune()
+
+
+def lower_for_kernels(program: Program) -> Program:
+    blocks = {name: BlockInstance(i.name, i.block, i.args, i.span, fuse_prologues(i.graph), i.states)
+              for name, i in program.blocks.items()}
+    return program.replace(blocks=blocks)
+
+
+# ---- 2. kernel specs -------------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _warps(entries: int) -> int:
+    return 4 if entries >= 2048 else 2 if entries >= 512 else 1
+
+
+def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
+    """The kernel specialisation of one core node; None where no kernel family covers it."""
+    prologue = node.attr("prologue") or ()
+    if node.op is Op.SCAN:
+        if node.attr("complex"):
+            return None  # complex scans run on the torch path (no kernel family yet)
+        D = math.prod(d.size for d in node.attr("state_shape"))
+        BD = min(_pow2(D), 512)
+        return KernelSpec("scan", H=1, K=D, V=D, prologue=prologue, site=site, spec_ref=spec_ref,
+                          extras={"BD": BD, "warps": max(1, BD // 128)})
+    if node.op in (Op.LINEAR, Op.DELTA):
+        kind = node.attr("decay_kind")
+        K, V, H = node.attr("key_dim"), node.attr("value_dim"), node.attr("heads")
+        HQ = node.attr("key_heads") if node.op is Op.LINEAR else H  # delta gets heads repeated
+        if kind == "complex_key":  # lowered to a real per-key decay on 2K dims
+            kind, K = "key", 2 * K
+        if node.attr("factored"):
+            kind = "factored"
+        BK = _pow2(K)
+        BV = min(_pow2(V), max(16, TILE // BK))
+        return KernelSpec(node.op.value, H=H, K=K, V=V, HQ=HQ, decay=kind,
+                          scale=float(node.attr("scale")), steps=node.attr("steps") or 1,
+                          prologue=prologue, site=site, spec_ref=spec_ref,
+                          extras={"BK": BK, "BV": BV, "C": CHECKPOINT, "warps": _warps(BK * BV)})
+    return None
+
+
+class KernelSites:
+    """Names each core call's kernel site; equal specialisations share one site."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.sites: dict[KernelSpec, str] = {}     # spec without its location -> site name
+        self.specs: dict[str, KernelSpec] = {}     # site name -> spec (first location)
+        self._names = Namespace({"REGISTRY", "ts", "tl", "triton", "torch", "math"})
+
+    def __call__(self, graph: Graph, node) -> str | None:
+        where = ".".join(node.scope + ((node.name,) if node.name else (node.op.value,)))
+        spec = kernel_spec(node, where, _spec_ref(node.span, self.program.spec.path))
+        if spec is None:
+            return None
+        key = replace(spec, site="", spec_ref="")
+        if key not in self.sites:
+            name = self._names.name("_".join(node.scope[-1:] + ((node.name or node.op.value),)))
+            self.sites[key] = name
+            self.specs[name] = spec
+        return self.sites[key]
+
+
+# ---- 3. rendering ----------------------------------------------------------------------------
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["literal"] = _literal
+    return env
+
+
+def render_kernels(program: Program, sites: KernelSites) -> str:
+    spec_path = Path(program.spec.path).name
+    source = _env().get_template("kernels.py.j2").render(
+        version=__version__, spec_path=spec_path, sites=list(sites.specs.items()), reg="REGISTRY")
+    ast.parse(source)
+    return source
+
+
+def generate(program: Program) -> dict[str, str]:
+    """model.py (the torch module, calling the kernels) and kernels.py."""
+    program = lower_for_kernels(program)
+    sites = KernelSites(program)
+    model = generate_source(program, kernel_sites=sites)
+    return {"model.py": model, "kernels.py": render_kernels(program, sites)}
+
+
+__all__ = ["fuse_prologues", "kernel_spec", "KernelSites", "generate", "render_kernels"]
