@@ -256,14 +256,16 @@ def test_decode(name, L):
 
 
 @needs_interpreter
-def test_decode_fp16():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_half(dtype):
+    """16-bit in and out (the decode kernel has no tl.dot, so bf16 runs under the interpreter)."""
     s = SPECS["window"]
-    q, kc, vc = (x.half() for x in (torch.randn(2, s.H, s.K), torch.randn(2, 23, s.hkv, s.K),
-                                    torch.randn(2, 23, s.hkv, s.V)))
+    q, kc, vc = (x.to(dtype) for x in (torch.randn(2, s.H, s.K), torch.randn(2, 23, s.hkv, s.K),
+                                       torch.randn(2, 23, s.hkv, s.V)))
     got = load(s).attn_decode(q, kc, vc)
-    assert got.dtype == torch.float16
+    assert got.dtype == dtype
     want = attention_decode(q.float(), kc.float(), vc.float(), window=s.window, scale=s.scale)
-    assert_close(got.float(), want, torch.float16, "decode fp16")
+    assert_close(got.float(), want, dtype, f"decode {dtype}")
 
 
 # --------------------------------------------------------------------------------------------
