@@ -4,6 +4,8 @@
                                      spec's name such as `mamba`)
     seqdsl ir FILE [--after PASS]    the IR in its stable text form
     seqdsl info FILE                 parameters, decoding memory and FLOPs per token, per layer
+    seqdsl compile FILE -o DIR       an importable package (--backend triton: with kernels.py)
+    seqdsl kernels FILE...           build the generated Triton kernels for sm90 (no GPU needed)
 
 User mistakes print ``path:line:col: error: ...`` with the source line and a caret, and exit
 with status 1; a Python traceback appears only with ``SEQDSL_DEBUG=1``. Usage errors exit 2.
@@ -143,6 +145,44 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    from seqdsl.backends.triton import aot
+    from seqdsl.compiler import compile as compile_spec
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("seqdsl kernels: unset TRITON_INTERPRET: interpreted kernels cannot be compiled "
+              "for a GPU target", file=sys.stderr)
+        return 2
+    lines: list[str] = []
+    failed = 0
+    for path in args.files:
+        try:
+            package = compile_spec(path, backend="triton", **_overrides(args.set))
+        except SpecError as err:
+            _report(err)
+            return 1
+        kernels = sys.modules[package.__name__ + ".kernels"]
+        source_lines = len(open(kernels.__file__).read().splitlines())
+        rows = aot.build_registry(kernels.REGISTRY, args.target)
+        bad = [r for r in rows if not r.ok]
+        failed += len(bad)
+        lines.append(f"## {os.path.basename(path)}: {len(rows)} kernels for {args.target}, "
+                     f"{source_lines} lines of generated Triton code"
+                     f"{f', {len(bad)} FAILED' if bad else ''}")
+        lines.append("")
+        lines.extend(aot.table(rows))
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(text + "\n")
+    if failed:
+        print(f"seqdsl kernels: {failed} kernel(s) failed to build, spill registers, or lack "
+              f"tensor-core instructions where they use tl.dot", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_golden(args) -> int:
     from seqdsl import golden
 
@@ -275,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="code generator: torch modules, or torch modules calling generated Triton kernels")
     add_set(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("kernels", help="build every generated Triton kernel for a GPU target "
+                                       "(no GPU needed) and report registers, spills, shared "
+                                       "memory and tensor-core use",
+                       description="Compile each FILE's generated kernels with triton.compile for "
+                                   "the target and read the cubin back with cuobjdump. Exits 1 "
+                                   "if a kernel does not build, spills registers, or uses tl.dot "
+                                   "without tensor-core instructions.", epilog=EPILOG)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--target", default="sm90", choices=["sm90", "sm89", "sm80"],
+                   help="GPU architecture (default: sm90, Hopper)")
+    p.add_argument("--report", metavar="FILE", help="also write the tables (markdown) to FILE")
+    add_set(p)
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("golden", help="record or check a spec's golden outputs",
                        description="Check each FILE's model outputs (fixed seed and input, "

@@ -249,7 +249,7 @@ def linear_complex(q, k, v, log_magnitude, phase, scale, state, cu_seqlens, run:
     if _triton(kernel, run, v):  # the lowering to a real per-key decay, then the kernels
         return ops.linear_complex(q, k, v, log_magnitude, phase, scale=scale, initial_state=state,
                                   output_final_state=True, cu_seqlens=cu_seqlens,
-                                  core=kernel.triton)
+                                  inner=kernel.triton)
     fn = ops.linear_complex_ref if run.reference else ops.linear_complex
     return fn(q, k, v, log_magnitude, phase, scale=scale, initial_state=state,
               output_final_state=True, cu_seqlens=cu_seqlens, **run.chunking())
@@ -261,7 +261,7 @@ def delta(q, k, v, beta, log_decay, scale, steps, state, cu_seqlens, run: Run, k
         if stepped:  # lowered to T * steps sub-tokens, then the kernels
             return ops.delta_interleave(q, k, v, beta, log_decay, steps=steps, scale=scale,
                                         initial_state=state, output_final_state=True,
-                                        cu_seqlens=cu_seqlens, core=kernel.triton)
+                                        cu_seqlens=cu_seqlens, inner=kernel.triton)
         return kernel.triton(q, k, v, beta, log_decay, initial_state=state, cu_seqlens=cu_seqlens)
     if kernel is not None:
         x = kernel.torch_operands(q=q, k=k, v=v, beta=beta, g=log_decay)

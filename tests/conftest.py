@@ -10,6 +10,9 @@ import pytest
 
 # compiled modules go to a private cache, not the user's ~/.cache
 os.environ.setdefault("SEQDSL_CACHE", tempfile.mkdtemp(prefix="seqdsl-test-cache-"))
+# generated Triton kernels run on CPU tensors through triton's interpreter (set before any kernel
+# module is imported: @triton.jit reads it when it wraps a function)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

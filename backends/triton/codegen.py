@@ -43,8 +43,9 @@ OPERANDS = {Op.SCAN: {"a": 0, "b": 1},
             Op.DELTA: {"q": 0, "k": 1, "v": 2, "beta": 3, "g": 5}}
 #: operands whose whole row (head dim) a program holds, so row ops (l2norm) can fuse
 ROW_OPERANDS = ("q", "k")
-#: state tile budget (fp32 entries) of one recurrent program: keeps the backward's tiles in registers
-TILE = 2048
+#: state tile budgets (fp32 entries) of one recurrent program, forward and backward (which holds
+#: about three times as many tiles): sized so that no kernel spills registers on sm90
+TILE, TILE_BWD = 2048, 1024
 #: steps between the recurrent forward's state checkpoints (the backward restarts from them)
 CHECKPOINT = 32
 
@@ -148,10 +149,17 @@ def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
             kind = "factored"
         BK = _pow2(K)
         BV = min(_pow2(V), max(16, TILE // BK))
+        BVB = min(_pow2(V), max(8, TILE_BWD // BK))
         return KernelSpec(node.op.value, H=H, K=K, V=V, HQ=HQ, decay=kind,
                           scale=float(node.attr("scale")), steps=node.attr("steps") or 1,
                           prologue=prologue, site=site, spec_ref=spec_ref,
-                          extras={"BK": BK, "BV": BV, "C": CHECKPOINT, "warps": _warps(BK * BV)})
+                          extras={"BK": BK, "BV": BV, "BVB": BVB, "C": CHECKPOINT,
+                                  "warps": _warps(BK * BV), "warps_bwd": _warps(BK * BVB)})
+    if node.op is Op.ATTENTION:
+        return KernelSpec("attention", H=node.attr("heads"), K=node.attr("key_dim"),
+                          V=node.attr("value_dim"), HKV=node.attr("kv_heads"),
+                          scale=float(node.attr("scale")), window=node.attr("window"),
+                          softcap=node.attr("softcap"), site=site, spec_ref=spec_ref)
     return None
 
 

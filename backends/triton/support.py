@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
+# triton 3.9 warns when this is unset; keep its current default (fused multiply-adds) explicitly
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
 
 #: True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors through triton's interpreter
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

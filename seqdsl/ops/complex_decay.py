@@ -40,9 +40,9 @@ def linear_complex_ref(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, p
 def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase: Tensor,
                    scale: float | None = None, initial_state: Tensor | None = None,
                    output_final_state: bool = False, cu_seqlens: Tensor | None = None,
-                   chunk_size: int = 64, core=None):
+                   chunk_size: int = 64, inner=None):
     """Linear attention with a complex per-key-dim decay, via the real chunked :func:`linear`
-    (or ``core``, any function with :func:`linear`'s signature but ``chunk_size``: a kernel).
+    (or ``inner``, any function with :func:`linear`'s signature but ``chunk_size``: a kernel).
 
     Args:
         q, k: ``[B, T, H, K]`` real or complex; v: ``[B, T, H, V]`` real.
@@ -60,7 +60,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
                            dict(q=q, k=k, v=v, log_magnitude=log_magnitude, phase=phase),
                            scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, chunk_size=chunk_size,
-                           core=core)
+                           inner=inner)
     K = q.shape[-1]
     real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
@@ -75,9 +75,9 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     if initial_state is not None:
         S0 = initial_state.to(cplx)
         S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
-    if core is None:
-        core = functools.partial(linear, chunk_size=chunk_size)
-    o, S = core(q2, k2, v.to(real), g2, scale=default_scale(scale, K), initial_state=S0,
+    if inner is None:
+        inner = functools.partial(linear, chunk_size=chunk_size)
+    o, S = inner(q2, k2, v.to(real), g2, scale=default_scale(scale, K), initial_state=S0,
                 output_final_state=output_final_state)
     if S is not None:
         # S_T = e^{iΦ_T} (S'_re + i S'_im): [B, H, 2K, V] -> [B, H, K, V] complex

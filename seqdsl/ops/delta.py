@@ -133,7 +133,7 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
                      log_decay: Tensor | None = None, steps: int | None = None,
                      scale: float | None = None, initial_state: Tensor | None = None,
                      output_final_state: bool = False, cu_seqlens: Tensor | None = None,
-                     chunk_size: int = 64, reference: bool = False, core=None):
+                     chunk_size: int = 64, reference: bool = False, inner=None):
     """Multi-step delta rule (DeltaProduct) by lowering onto :func:`delta`.
 
     Per token t, with sub-steps j = 1..steps::
@@ -147,7 +147,7 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
         beta: ``[B, T, steps, H]``; log_decay: ``[B, T, H]`` or None.
         steps: number of sub-steps (checked against ``k.shape[2]``).
         reference: run the sequential :func:`delta_ref` instead of the chunked form.
-        core: run this instead (a function with :func:`delta`'s signature but ``chunk_size``).
+        inner: run this instead (a function with :func:`delta`'s signature but ``chunk_size``).
         Other arguments as in :func:`delta` (``cu_seqlens`` counts tokens, not sub-steps).
     Lowering: the sub-steps become consecutive rows of a ``T·steps`` sequence; the gate sits on
     the first sub-step of each token, q is zero except on the last, whose output is returned.
@@ -166,7 +166,7 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     if log_decay is not None:
         g_seq = torch.cat([log_decay[:, :, None], log_decay.new_zeros(B, T, n - 1, H)], dim=2)
         g_seq = g_seq.reshape(B, T * n, H)
-    extra = {}
+    core, extra = inner, {}
     if core is None:
         core = delta_ref if reference else delta
         extra = {} if reference else {"chunk_size": chunk_size}
