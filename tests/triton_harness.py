@@ -53,3 +53,39 @@ def load(template: str, spec, prefix: str):
     sys.modules[name] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+def sm90_report(template: str, spec, prefix: str) -> list[dict]:
+    """Compile every kernel the rendered ``template`` registers, at its default configuration, for
+    sm90 (no GPU needed) and read its resources with the wheel's cuobjdump: one row per kernel
+    (name, REG, STACK, LOCAL, shared bytes, uses_dot, tensor-core instructions in the SASS).
+
+    Run it in a process without ``TRITON_INTERPRET=1``: kernels that ran in the interpreter
+    leave triton.language patched for the compiler."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    rows = []
+    for info in load(template, spec, prefix).REGISTRY.kernels:
+        fn = info.fn if isinstance(info.fn, JITFunction) else JITFunction(info.fn.fn)
+        signature = dict(info.signature, **{name: "constexpr" for name in info.constexprs})
+        compiled = triton.compile(
+            triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=info.constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": info.num_warps, "num_stages": info.num_stages})
+        cubin = _DIR / f"{info.name}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+        res = {key: int(value) for key, value in
+               __import__("re").findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+        rows.append(dict(name=info.name, **res, shared=compiled.metadata.shared,
+                         uses_dot=info.uses_dot, num_warps=info.num_warps,
+                         hgmma=sass.count("HGMMA"), hmma=sass.count("HMMA")))
+    return rows
