@@ -301,11 +301,12 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
         else:
             pos = torch.arange(seen, seen + T, device=q.device)
         q, k = _rope(q, pos, rope_theta, rope_dims), _rope(k, pos, rope_theta, rope_dims)
-    if _triton(kernel, run, q):
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _triton(kernel, run, q) and (cache is None or cu_seqlens is not None or not differentiable):
         if cache is None or cu_seqlens is not None:
             o = kernel.triton(q, k, v, cu_seqlens=cu_seqlens)
             k_all, v_all = k, v
-        else:
+        else:  # decoding: the decode kernel per new token (forward only; with gradients, torch)
             k_all = torch.cat([cache[0], k], dim=1)
             v_all = torch.cat([cache[1], v], dim=1)
             o = torch.stack([kernel.decode(q[:, i], k_all[:, :k_all.shape[1] - T + i + 1],

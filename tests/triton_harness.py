@@ -44,7 +44,11 @@ def render(template: str, spec, prefix: str) -> str:
 
 def load(template: str, spec, prefix: str):
     """Render and import as a fresh module (written to a file: ``triton.jit`` reads the source)."""
-    source = render(template, spec, prefix)
+    return load_source(render(template, spec, prefix), prefix)
+
+
+def load_source(source: str, prefix: str):
+    """Import generated source as a fresh module, from a file (``triton.jit`` reads the source)."""
     name = f"seqdsl_kernels_{prefix}_{abs(hash(source)) % 10**12}"
     path = _DIR / f"{name}.py"
     path.write_text(source)

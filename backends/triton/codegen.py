@@ -195,10 +195,20 @@ def _env() -> jinja2.Environment:
     return env
 
 
+def _plain_env() -> jinja2.Environment:
+    """For the chunk templates, which control their whitespace with ``{%-`` themselves."""
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
 def render_kernels(program: Program, sites: KernelSites) -> str:
     spec_path = Path(program.spec.path).name
+    plain = _plain_env()
+    chunk = {p: plain.get_template(f"{s.core}_chunk.py.j2").render(p=p, s=s, reg="REGISTRY").strip()
+             for p, s in sites.specs.items() if s.chunked}
     source = _env().get_template("kernels.py.j2").render(
-        version=__version__, spec_path=spec_path, sites=list(sites.specs.items()), reg="REGISTRY")
+        version=__version__, spec_path=spec_path, sites=list(sites.specs.items()), reg="REGISTRY",
+        chunk_fragments=chunk)
     ast.parse(source)
     return source
 

@@ -54,3 +54,9 @@ class KernelSpec:
                 expr = f"dt * {expr}" if op == "mul_dt" else f"{op}({expr})"
             parts.append(f"{name} = {expr}")
         return "; ".join(parts)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the chunked (tensor-core) family covers this site for T > 1."""
+        return (self.core == "linear" and self.decay in ("none", "scalar", "key")) or \
+            (self.core == "delta" and self.decay in ("none", "scalar"))
