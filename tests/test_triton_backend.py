@@ -58,7 +58,7 @@ def _tensors(state):
     elif isinstance(state, (list, tuple)):
         for item in state:
             yield from _tensors(item)
-    elif isinstance(state, torch.Tensor) and state.is_floating_point():
+    elif isinstance(state, torch.Tensor) and (state.is_floating_point() or state.is_complex()):
         yield state
 
 
@@ -117,7 +117,7 @@ def _detach(state):
         return [_detach(v) for v in state]
     if isinstance(state, tuple):
         return tuple(_detach(v) for v in state)
-    if isinstance(state, torch.Tensor) and state.is_floating_point():
+    if isinstance(state, torch.Tensor) and (state.is_floating_point() or state.is_complex()):
         return state.detach().clone().requires_grad_(True)
     return state
 
