@@ -8,7 +8,8 @@ state dicts are tensors.
 """
 
 from seqdsl.interop.hf_config import FAMILIES, Imported, import_config
-from seqdsl.interop.weights import convert_state_dict, export_hf, export_state_dict, load_hf
+from seqdsl.interop.weights import (convert_state_dict, export_hf, export_state_dict, load_hf,
+                                   read_checkpoint)
 
 __all__ = ["import_config", "load_hf", "export_hf", "convert_state_dict", "export_state_dict",
-           "Imported", "FAMILIES"]
+           "read_checkpoint", "Imported", "FAMILIES"]

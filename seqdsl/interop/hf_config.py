@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from seqdsl.diagnostics import Span, error
 from seqdsl.interop import spec_writer
-from seqdsl.interop.patterns import ATTENTION, RECURRENT, resolve_kinds
+from seqdsl.interop.patterns import ATTENTION, RECURRENT, period_hints, resolve_kinds
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Family:
     kinds: tuple[str, ...] = (RECURRENT,)     # the layer kinds the family has
     pattern_default: dict = field(default_factory=dict)
     #: (attention per layer, MoE per layer) -> the spec's `layers = ...` expression
-    layers: Callable[[list[bool], list[bool]], str] | None = None
+    layers: Callable[[list[bool], list[bool], list[int]], str] | None = None
 
 
 class _Reader:
@@ -200,8 +200,9 @@ def _read_qwen3_next(r: _Reader) -> dict:
 
 
 def _one_block(block: str):
-    def write(attn: list[bool], moe: list[bool]) -> str:
-        return spec_writer.flags_pattern(block, {"attn": attn, **({"moe": moe} if any(moe) else {})})
+    def write(attn: list[bool], moe: list[bool], prefer: list[int]) -> str:
+        return spec_writer.flags_pattern(block, {"attn": attn, **({"moe": moe} if any(moe) else {})},
+                                         prefer)
     return write
 
 
@@ -215,7 +216,8 @@ FAMILIES: list[Family] = [
     Family("griffin", "RecurrentGemmaForCausalLM", ("recurrent_gemma",), _read_recurrent_gemma,
            spec_writer.griffin, kinds=(RECURRENT, ATTENTION),
            pattern_default={"block_types": ["recurrent", "recurrent", "attention"]},
-           layers=lambda attn, moe: spec_writer.two_blocks_pattern("rec", "local", attn)),
+           layers=lambda attn, moe, prefer: spec_writer.two_blocks_pattern("rec", "local", attn,
+                                                                            prefer)),
     Family("qwen3_next", "Qwen3NextForCausalLM", ("qwen3_next",), _read_qwen3_next,
            spec_writer.qwen3_next, kinds=(RECURRENT, ATTENTION),
            pattern_default={"full_attention_interval": 4},
@@ -299,7 +301,7 @@ def import_config(config, source: str | None = None) -> Imported:
                         f"its layers are: {', '.join(family.kinds)}")
     moe = hp.get("moe_flags", [False] * hp["depth"])
     if family.layers is not None:
-        hp["layers"] = family.layers([k == ATTENTION for k in kinds], moe)
+        hp["layers"] = family.layers([k == ATTENTION for k in kinds], moe, period_hints(cfg))
     return Imported(family, cfg, hp, kinds, moe, fields, source)
 
 

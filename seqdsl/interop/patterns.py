@@ -219,11 +219,24 @@ def resolve_kinds(cfg: dict, source: str = "config.json",
     return first, [f for f, _ in results]
 
 
-def periodic_flags(flags: list[bool]) -> tuple[int, int] | None:
-    """(period, offset) with flags[i] == (i % period == offset) for every i, smallest period;
-    None if there is none (all false is not periodic here)."""
+#: fields that state a period: the pattern writer prefers them (8 layers with attention at layer
+#: 4 fit `i % 5 == 4` as well as the config's `i % 8 == 4`)
+PERIOD_FIELDS = ("attn_layer_period", "expert_layer_period", "full_attention_interval",
+                 "decoder_sparse_step")
+
+
+def period_hints(cfg: dict) -> list[int]:
+    hints = [cfg[f] for f in PERIOD_FIELDS if isinstance(cfg.get(f), int) and cfg[f] > 0]
+    if isinstance(cfg.get("block_types"), list) and cfg["block_types"]:
+        hints.append(len(cfg["block_types"]))
+    return hints
+
+
+def periodic_flags(flags: list[bool], prefer=()) -> tuple[int, int] | None:
+    """(period, offset) with flags[i] == (i % period == offset) for every i: a preferred period
+    if one fits, else the smallest; None if there is none (all false is not periodic here)."""
     n = len(flags)
-    for p in range(1, n + 1):
+    for p in [*prefer, *range(1, n + 1)]:
         ons = [i for i in range(n) if flags[i]]
         if not ons:
             return None
@@ -234,4 +247,4 @@ def periodic_flags(flags: list[bool]) -> tuple[int, int] | None:
 
 
 __all__ = ["RECURRENT", "ATTENTION", "MLP", "MOE", "CONVENTIONS", "resolve_kinds",
-           "periodic_flags", "present"]
+           "periodic_flags", "period_hints", "present"]

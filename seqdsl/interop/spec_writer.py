@@ -50,7 +50,7 @@ def _pattern_string(order: list, legend: dict) -> str:
     return f'pattern("{groups}", {", ".join(entries)})'
 
 
-def flags_pattern(block: str, flags: dict[str, list[bool]]) -> str:
+def flags_pattern(block: str, flags: dict[str, list[bool]], prefer=()) -> str:
     """One block whose bool hyper-parameters (attn, moe, ...) vary by layer."""
     depth = len(next(iter(flags.values())))
     used = {k: v for k, v in flags.items() if any(v)}
@@ -59,7 +59,7 @@ def flags_pattern(block: str, flags: dict[str, list[bool]]) -> str:
         if all(v):
             conds[k] = "true"
             continue
-        po = periodic_flags(v)
+        po = periodic_flags(v, prefer)
         if po is None:
             break
         conds[k] = f"i % {po[0]} == {po[1]}"
@@ -80,13 +80,13 @@ def flags_pattern(block: str, flags: dict[str, list[bool]]) -> str:
     return _pattern_string(order, legend)
 
 
-def two_blocks_pattern(base: str, other: str, is_other: list[bool]) -> str:
+def two_blocks_pattern(base: str, other: str, is_other: list[bool], prefer=()) -> str:
     """Two blocks: `other` where is_other, `base` elsewhere."""
     if not any(is_other):
         return f"[{base}] * depth"
     if all(is_other):
         return f"[{other}] * depth"
-    po = periodic_flags(is_other)
+    po = periodic_flags(is_other, prefer)
     if po is not None:
         return f"periodic(depth, {base}, {other}, period = {po[0]}, offset = {po[1]})"
     order = [bool(f) for f in is_other]

@@ -35,11 +35,15 @@ class Rule:
     to_ours: Callable[..., tuple] = _same
     to_theirs: Callable[..., tuple] = _same
     optional: bool = False  # theirs may be absent (a tied head a checkpoint leaves out)
+    #: rules read instead when theirs are absent: the same weights in another on-disk layout
+    #: (transformers fuses experts in memory, its checkpoints keep one tensor per expert)
+    alternative: tuple["Rule", ...] = ()
 
     def at(self, ours_prefix: str, theirs_prefix: str) -> "Rule":
         return Rule(tuple(ours_prefix + n for n in self.ours),
                     tuple(theirs_prefix + n for n in self.theirs),
-                    self.to_ours, self.to_theirs, self.optional)
+                    self.to_ours, self.to_theirs, self.optional,
+                    tuple(r.at(ours_prefix, theirs_prefix) for r in self.alternative))
 
 
 def same(ours: str, theirs: str) -> Rule:
@@ -92,7 +96,11 @@ def fused_experts(gate_up: str, down: str, ours: str, n: int, hidden: int) -> Ru
         dn = torch.stack([ts[3 * e + 2] for e in range(n)])
         return gu, dn
 
-    return Rule(tuple(names), (gate_up, down), to_ours, to_theirs)
+    base = gate_up.rsplit(".", 1)[0]  # ...experts
+    per_expert = tuple(same(f"{ours}.experts.{e}.{o}.weight", f"{base}.{e}.{t}.weight")
+                       for e in range(n) for o, t in (("proj", "gate_proj"), ("proj_2", "up_proj"),
+                                                      ("out", "down_proj")))
+    return Rule(tuple(names), (gate_up, down), to_ours, to_theirs, alternative=per_expert)
 
 
 def swiglu(ours: str, gate: str, up: str, down: str) -> list[Rule]:
@@ -276,7 +284,12 @@ def convert_state_dict(imported: Imported, theirs: dict[str, torch.Tensor]) -> d
     missing: list[str] = []
     for rule in rules(imported):
         if not all(n in theirs for n in rule.theirs):
-            if not rule.optional:
+            alt = rule.alternative
+            if alt and all(n in theirs for r in alt for n in r.theirs):
+                for r in alt:
+                    out.update(zip(r.ours, r.to_ours(*(theirs[n] for n in r.theirs))))
+                    used.update(r.theirs)
+            elif not rule.optional:
                 missing += [n for n in rule.theirs if n not in theirs]
             continue
         values = rule.to_ours(*(theirs[n] for n in rule.theirs))
@@ -310,6 +323,45 @@ def export_state_dict(imported: Imported, ours: dict[str, torch.Tensor]) -> dict
     if extra:
         _fail(f"{len(extra)} parameter(s) of the model are not mapped: {_listing(extra)}")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---- checkpoints on disk -------------------------------------------------------------------------
+
+
+def read_checkpoint(folder) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers checkpoint folder: model.safetensors (read with the
+    `safetensors` package, when it is installed) or pytorch_model.bin, each maybe sharded
+    (``*.index.json``)."""
+    import json
+
+    folder = Path(folder)
+    where = Span(str(folder), 0, 0, 0, 0)
+    if not folder.is_dir():
+        raise error(where, "not a folder", "--weights takes the folder save_pretrained wrote")
+
+    def load_safetensors(path: Path):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise error(Span(str(path), 0, 0, 0, 0), "reading .safetensors needs the "
+                        "'safetensors' package", "pip install seqdsl[interop]") from None
+        return load_file(str(path))
+
+    def load_bin(path: Path):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+    for name, loader in (("model.safetensors", load_safetensors), ("pytorch_model.bin", load_bin)):
+        if (folder / name).is_file():
+            return dict(loader(folder / name))
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                out.update(loader(folder / shard))
+            return out
+    raise error(where, "no checkpoint found: looked for model.safetensors, "
+                "model.safetensors.index.json, pytorch_model.bin and pytorch_model.bin.index.json")
 
 
 # ---- entry points ---------------------------------------------------------------------------------
@@ -373,4 +425,5 @@ def export_hf(source, config) -> dict[str, torch.Tensor]:
     return export_state_dict(imported, ours)
 
 
-__all__ = ["Rule", "rules", "convert_state_dict", "export_state_dict", "load_hf", "export_hf"]
+__all__ = ["Rule", "rules", "convert_state_dict", "export_state_dict", "load_hf", "export_hf",
+           "read_checkpoint"]
