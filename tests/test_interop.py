@@ -75,8 +75,43 @@ def _qwen3_next():
         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, full_attention_interval=2)
 
 
+# variants: options each family's table must honour
+def _mamba_biases():
+    return transformers.MambaForCausalLM, transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, use_bias=True,
+        use_conv_bias=False, tie_word_embeddings=False)
+
+
+def _mamba2_groups():
+    return transformers.Mamba2ForCausalLM, transformers.Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+        head_dim=8, num_heads=8, n_groups=2, conv_kernel=4)
+
+
+def _jamba_dense():
+    return transformers.JambaForCausalLM, transformers.JambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=1, mamba_d_state=8,
+        mamba_dt_rank=2, attn_layer_period=2, attn_layer_offset=1, mamba_proj_bias=True)
+
+
+def _qwen3_next_variant():
+    """One key head for two value heads of another width, an explicit layer list, an MLP-only
+    layer, MoE weights not renormalised, a tied head."""
+    return transformers.Qwen3NextForCausalLM, transformers.Qwen3NextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8,
+        linear_value_head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[2],
+        layer_types=["linear_attention", "full_attention", "linear_attention",
+                     "linear_attention", "full_attention"], tie_word_embeddings=True)
+
+
 FAMILIES = {"mamba": _mamba, "mamba2": _mamba2, "jamba": _jamba,
-            "recurrent_gemma": _recurrent_gemma, "qwen3_next": _qwen3_next}
+            "recurrent_gemma": _recurrent_gemma, "qwen3_next": _qwen3_next,
+            "mamba_biases": _mamba_biases, "mamba2_groups": _mamba2_groups,
+            "jamba_dense": _jamba_dense, "qwen3_next_variant": _qwen3_next_variant}
 
 
 def _tiny(name):
