@@ -261,7 +261,7 @@ def cmd_import_hf(args) -> int:
             return 0
         import torch
 
-        ours = convert_state_dict(imported, read_checkpoint(args.weights))
+        ours = convert_state_dict(imported, read_checkpoint(args.weights), source=args.weights)
         module = seqdsl.compile(spec_name, text=text)
         with torch.device("meta"):  # names and shapes only: no memory for the weights
             expected = {k: tuple(v.shape) for k, v in module.Model().state_dict().items()}

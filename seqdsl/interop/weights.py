@@ -267,8 +267,8 @@ def rules(imp: Imported) -> list[Rule]:
 # ---- conversion -----------------------------------------------------------------------------------
 
 
-def _fail(message: str, hint: str | None = None):
-    raise error(Span("<weights>", 0, 0, 0, 0), message, hint)
+def _fail(message: str, hint: str | None = None, where: str = "<weights>"):
+    raise error(Span(where, 0, 0, 0, 0), message, hint)
 
 
 def _listing(names, limit: int = 8) -> str:
@@ -277,8 +277,10 @@ def _listing(names, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def convert_state_dict(imported: Imported, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers state dict → ours. Every tensor of theirs must be used."""
+def convert_state_dict(imported: Imported, theirs: dict[str, torch.Tensor],
+                       source: str = "<weights>") -> dict[str, torch.Tensor]:
+    """A transformers state dict → ours. Every tensor of theirs must be used (``source`` names
+    the checkpoint in errors)."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -297,11 +299,11 @@ def convert_state_dict(imported: Imported, theirs: dict[str, torch.Tensor]) -> d
         used.update(rule.theirs)
     if missing:
         _fail(f"the checkpoint lacks {len(missing)} tensor(s) the {imported.family.architecture} "
-              f"config implies: {_listing(missing)}")
+              f"config implies: {_listing(missing)}", where=source)
     extra = set(theirs) - used
     if extra:
         _fail(f"{len(extra)} tensor(s) of the checkpoint are not mapped: {_listing(extra)}",
-              "the config and the checkpoint disagree, or the family table misses them")
+              "the config and the checkpoint disagree, or the family table misses them", source)
     return out
 
 
