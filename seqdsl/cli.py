@@ -6,6 +6,8 @@
     seqdsl info FILE                 parameters, decoding memory and FLOPs per token, per layer
     seqdsl compile FILE -o DIR       an importable package (--backend triton: with kernels.py)
     seqdsl kernels FILE...           build the generated Triton kernels for sm90 (no GPU needed)
+    seqdsl import hf CONFIG.json     a transformers config as a .seq spec (--weights DIR: and
+                                     its checkpoint as a state dict)
 
 User mistakes print ``path:line:col: error: ...`` with the source line and a caret, and exit
 with status 1; a Python traceback appears only with ``SEQDSL_DEBUG=1``. Usage errors exit 2.
@@ -261,6 +263,70 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _write_atomically(path, data: bytes) -> None:
+    """Write a file whole or not at all: a temporary file in the same folder, then a rename."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_import_hf(args) -> int:
+    """A transformers config (and checkpoint) → a .seq spec (and a converted state dict)."""
+    import io
+    from pathlib import Path
+
+    import seqdsl
+    from seqdsl.interop import convert_state_dict, import_config, read_checkpoint
+
+    try:
+        imported = import_config(args.config)
+        text = imported.spec_text
+        spec_name = f"{imported.name}.seq"
+        program = seqdsl.load(spec_name, text=text)   # the spec must check before it is written
+        if args.weights is None:
+            if args.output is None:
+                sys.stdout.write(text)
+                return 0
+            _write_atomically(args.output, text.encode())
+            print(f"wrote {args.output} ({len(program.layers)} layers, from {args.config})")
+            return 0
+        import torch
+
+        ours = convert_state_dict(imported, read_checkpoint(args.weights), source=args.weights)
+        module = seqdsl.compile(spec_name, text=text)
+        with torch.device("meta"):  # names and shapes only: no memory for the weights
+            expected = {k: tuple(v.shape) for k, v in module.Model().state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in ours.items()}
+        if got != expected:
+            wrong = sorted(set(got) ^ set(expected)) or \
+                sorted(k for k in got if got[k] != expected[k])
+            raise seqdsl.SpecError(seqdsl.Diagnostic(
+                seqdsl.Span(str(args.weights), 0, 0, 0, 0),
+                f"the converted weights do not fit the spec: {', '.join(wrong[:6])}",
+                "the checkpoint and the config disagree"))
+    except SpecError as err:
+        _report(err)
+        return 1
+    out = Path(args.output or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    _write_atomically(out / spec_name, text.encode())
+    _write_atomically(out / "state_dict.pt", buffer.getvalue())
+    print(f"wrote {out / spec_name} and {out / 'state_dict.pt'} ({len(ours)} tensors); load with "
+          f"seqdsl.compile({str(out / spec_name)!r}).Model().load_state_dict(torch.load(...))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from seqdsl.passes import PASS_NAMES
 
@@ -329,6 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write the tables (markdown) to FILE")
     add_set(p)
     p.set_defaults(func=cmd_kernels)
+    p = sub.add_parser("import", help="import a model from another library (hf: transformers)",
+                       description="Turn another library's config into a .seq spec, and its "
+                                   "checkpoint into a state dict the compiled model loads.",
+                       epilog=EPILOG)
+    imp = p.add_subparsers(dest="source", metavar="SOURCE")
+    imp.required = True
+    q = imp.add_parser("hf", help="a transformers config.json (and checkpoint folder)",
+                       description="Write the spec for a transformers CONFIG (config.json, or the "
+                                   "folder holding it): to stdout, or to -o FILE. With --weights "
+                                   "DIR, -o names a folder that receives <model>.seq and "
+                                   "state_dict.pt (torch.save of the converted weights).",
+                       epilog=EPILOG)
+    q.add_argument("config", metavar="CONFIG")
+    q.add_argument("-o", "--output", metavar="OUT",
+                   help="the spec file (default: stdout); with --weights, a folder (default: .)")
+    q.add_argument("--weights", metavar="DIR",
+                   help="a checkpoint folder (model.safetensors or pytorch_model.bin) to convert")
+    q.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("golden", help="record or check a spec's golden outputs",
                        description="Check each FILE's model outputs (fixed seed and input, "

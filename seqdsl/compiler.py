@@ -93,8 +93,14 @@ def cache_key(program, backend: str, overrides: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(f"seqdsl {__version__} backend={backend} {_generator_fingerprint()}\n".encode())
     h.update(json.dumps(overrides, sort_keys=True, default=repr).encode())
+    from seqdsl.diagnostics import SourceRegistry
+
     for path in program.spec.files:
-        text = Path(path).read_text() if os.path.exists(path) else ""
+        # the text the spec was built from (a `text=` source need not exist on disk, and a file
+        # of the same name must not stand in for it)
+        text = SourceRegistry.text(path)
+        if text is None:
+            text = Path(path).read_text() if os.path.exists(path) else ""
         h.update(f"\n--- {Path(path).name}\n".encode())
         h.update(text.encode())
     return h.hexdigest()

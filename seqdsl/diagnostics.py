@@ -50,6 +50,10 @@ class SourceRegistry:
         cls._texts[path] = text
 
     @classmethod
+    def text(cls, path: str) -> str | None:
+        return cls._texts.get(path)
+
+    @classmethod
     def line(cls, path: str, line: int) -> str | None:
         text = cls._texts.get(path)
         if text is None or line < 1:

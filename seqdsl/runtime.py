@@ -21,18 +21,20 @@ from seqdsl import ops
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) over the last dim, times a learnable scale of the last dim's size."""
+    """x / rms(x) over the last dim, times a learnable scale of the last dim's size: the weight,
+    or offset + weight (offset = 1: a zero-centred weight, stored as scale - 1, initialised to 0)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * (self.offset + self.weight.float() if self.offset else self.weight.float())
         return y.to(x.dtype)
 
 

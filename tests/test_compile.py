@@ -74,3 +74,16 @@ def test_compile_text_in_process():
     module = seqdsl.compile(SPECS / "hgrn_copy.seq", text=text, vocab=30, d=8, depth=2)
     logits, state = module.Model()(torch.zeros(2, 4, dtype=torch.long))
     assert logits.shape == (2, 4, 30) and len(state) == 2
+
+
+def test_text_sources_of_the_same_name_are_cached_apart(tmp_path, monkeypatch):
+    """The cache key hashes the text compiled, not a file that happens to share its name."""
+    monkeypatch.chdir(tmp_path)
+    a = "model m(vocab = 10, d = 8) { layers = [b] }\nblock b { x = x + proj(x, d) }\n"
+    b = a.replace("proj(x, d)", "proj(x, d, bias = true)")
+    (tmp_path / "m.seq").write_text(a)
+    ma = seqdsl.compile("m.seq", text=a)
+    mb = seqdsl.compile("m.seq", text=b)
+    assert ma is not mb
+    assert "layers.0.proj.bias" in mb.Model().state_dict()
+    assert "layers.0.proj.bias" not in ma.Model().state_dict()

@@ -761,6 +761,14 @@ CASES = {
     "bias-init-rule-log-of-zero": Case(HEADER + spec("""
         block b { x = x + proj(x, d, bias = true, bias_init = log_arange(0, 16)) }
         """), 4, 55, "init rule log_arange(low=0, high=16) takes logarithms: low must be > 0"),
+    # ---- norms ----------------------------------------------------------------------------------
+    "rmsnorm-offset-not-a-number": Case(HEADER + spec("""
+        block b { x = x + rmsnorm(x, offset = "one") }
+        """), 4, 39, "offset must be a number, got string 'one'", partial=True),
+    "rmsnorm-offset-without-weight": Case(HEADER + spec("""
+        block b { x = x + rmsnorm(x, weight = false, offset = 1.0) }
+        """), 4, 55, "rmsnorm's offset needs weight = true",
+        "the offset is added to the learnable weight; without one, drop it"),
     "init-rule-low-above-high": Case(HEADER + spec("""
         block b { x = x + conv1d(x, 4, init = uniform(1, 0)) }
         """), 4, 39, "init rule uniform(low=1, high=0): low must not exceed high"),

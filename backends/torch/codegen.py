@@ -391,9 +391,10 @@ class _GraphEmitter:
         self.assign(node, f"{path}({self.ref(node.inputs[0])})")
 
     def op_rmsnorm(self, node):
-        x, eps, weight = node.inputs
+        x, eps, weight, offset = node.inputs
+        extra = f", offset={float(self.const(offset))!r}" if self.const(offset) else ""
         self._norm(node, "RMSNorm", f"{self.t(x).shape[-1].size}, eps={self.const(eps)!r}, "
-                                    f"weight={self.const(weight)}")
+                                    f"weight={self.const(weight)}{extra}")
 
     def op_layernorm(self, node):
         x, eps, weight, bias = node.inputs

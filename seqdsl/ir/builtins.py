@@ -108,8 +108,10 @@ _TABLE: list[Builtin] = [
     Builtin("softmax", Op.SOFTMAX, (_t("x"), _c("dim", -1)), "softmax along a dim"),
     Builtin("cumsum", Op.CUMSUM, (_t("x"), _c("dim", -1)), "cumulative sum along a dim"),
     Builtin("sum", Op.SUM, (_t("x"), _c("dim", -1)), "sum along a dim (the dim is removed)"),
-    Builtin("rmsnorm", Op.RMSNORM, (_t("x"), _c("eps", 1e-6), _c("weight", True)),
-            "RMS norm over the last dim, learnable scale of the last dim's size", category="layer"),
+    Builtin("rmsnorm", Op.RMSNORM, (_t("x"), _c("eps", 1e-6), _c("weight", True),
+                                    _c("offset", 0.0)),
+            "RMS norm over the last dim, learnable scale of the last dim's size (the scale is "
+            "offset + weight: offset = 1 stores a zero-centred weight)", category="layer"),
     Builtin("layernorm", Op.LAYERNORM, (_t("x"), _c("eps", 1e-5), _c("weight", True),
                                         _c("bias", True)),
             "layer norm over the last dim", category="layer"),

@@ -446,7 +446,12 @@ class _Infer:
         if eps < 0:
             raise error(self.g.node(node.inputs[1]).span, f"eps must be >= 0, got {eps}")
         for pos in range(2, len(node.inputs)):
-            self.const(node.inputs[pos], BUILTINS[node.op.value].args[pos].name, (_is_bool,))
+            name = BUILTINS[node.op.value].args[pos].name
+            self.const(node.inputs[pos], name, (_is_num,) if name == "offset" else (_is_bool,))
+        if node.op is Op.RMSNORM and self.const(node.inputs[3], "offset", (_is_num,)) != 0 \
+                and not self.const(node.inputs[2], "weight", (_is_bool,)):
+            raise error(self.g.node(node.inputs[3]).span, "rmsnorm's offset needs weight = true",
+                        "the offset is added to the learnable weight; without one, drop it")
         rng = Interval(-1.0, 1.0) if node.op is Op.L2NORM else UNBOUNDED
         return TensorType(x.shape, "real", rng)
 
