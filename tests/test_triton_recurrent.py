@@ -150,7 +150,7 @@ def test_recurrent_packed_sequences():
 
 def test_scan_kernel_with_prologue_and_packed_sequences():
     spec = KernelSpec("scan", H=1, K=12, V=12, prologue=(("a", (("sigmoid",),)),),
-                      site="test", spec_ref="test.seq:1", extras={"BD": 8, "warps": 1})
+                      site="test", spec_ref="test.seq:1", extras={"BD": 8, "BT": 16, "warps": 1})
     module = _load(spec, "scan.py.j2", "scan_test")
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1, 45, 3, 4, generator=g), torch.randn(1, 45, 3, 4, generator=g)

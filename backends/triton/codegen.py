@@ -136,9 +136,9 @@ def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
         if node.attr("complex"):
             return None  # complex scans run on the torch path (no kernel family yet)
         D = math.prod(d.size for d in node.attr("state_shape"))
-        BD = min(_pow2(D), 512)
+        BD = min(_pow2(D), 64)  # [BT, BD] blocks: a, b, h and the scan's two outputs in registers
         return KernelSpec("scan", H=1, K=D, V=D, prologue=prologue, site=site, spec_ref=spec_ref,
-                          extras={"BD": BD, "warps": max(1, BD // 128)})
+                          extras={"BD": BD, "BT": 32, "warps": 4 if BD >= 64 else 2})
     if node.op in (Op.LINEAR, Op.DELTA):
         kind = node.attr("decay_kind")
         K, V, H = node.attr("key_dim"), node.attr("value_dim"), node.attr("heads")
