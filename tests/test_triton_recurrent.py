@@ -29,8 +29,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 
 def _load(spec: KernelSpec, family: str, prefix: str):
-    source = triton_harness.HEADER + _env().from_string(
-        f'{{% include "{family}" %}}').render(p=prefix, s=spec, reg="REGISTRY")
+    includes = "".join(f'{{% include "{f}" %}}\n' for f in family.split("+"))
+    source = triton_harness.HEADER + _env().from_string(includes).render(p=prefix, s=spec,
+                                                                          reg="REGISTRY")
     return triton_harness.load_source(source, prefix)
 
 
@@ -38,7 +39,7 @@ def _linear_spec(core, decay, H=2, HQ=2, K=8, V=12, prologue=(), BV=8, BVB=4):
     return KernelSpec(core, H=H, K=K, V=V, HQ=HQ, decay=decay, scale=K ** -0.5, prologue=prologue,
                       site="test", spec_ref="test.seq:1",
                       extras={"BK": 8, "BV": BV, "BVB": BVB, "C": CHECKPOINT, "warps": 1,
-                              "warps_bwd": 1})
+                              "warps_bwd": 1, "SBT": 16, "SBV": 4, "swarps": 1})
 
 
 def _inputs(core, decay, B, T, H, HQ, K, V, seed=0):
@@ -75,20 +76,22 @@ def _reference(core, spec, x, cu_seqlens=None):
                           decay_A=x.get("A"), decay_dt=ops_in.get("dt"))
 
 
-def _triton(core, spec, module, prefix, x, cu_seqlens=None):
+def _triton(core, spec, module, prefix, x, cu_seqlens=None, entry="recurrent"):
     g = x.get("g")
     if g is not None and not any(n == "g" for n, _ in spec.prologue):
         g = torch.nn.functional.logsigmoid(g)
-    fn = getattr(module, f"{prefix}_recurrent")
+    fn = getattr(module, f"{prefix}_{entry}")
     args = (x["q"], x["k"], x["v"]) + ((x["beta"],) if core == "delta" else ())
     return fn(*args, g, initial_state=x["h0"], cu_seqlens=cu_seqlens, decay_A=x.get("A"),
               decay_dt=x.get("dt"))
 
 
-def _check(core, decay, prologue=(), H=2, HQ=2, T=CHECKPOINT + 8, B=2, cu_seqlens=None):
+def _check(core, decay, prologue=(), H=2, HQ=2, T=CHECKPOINT + 8, B=2, cu_seqlens=None,
+           entry="recurrent"):
     spec = _linear_spec(core, decay, H=H, HQ=HQ, prologue=prologue)
-    prefix = f"rec_{core}_{decay}_{len(prologue)}_{HQ}"
-    module = _load(spec, "recurrent.py.j2", prefix)
+    prefix = f"rec_{core}_{decay}_{len(prologue)}_{HQ}_{entry}"
+    family = "recurrent.py.j2" + ("+selective_chunk.py.j2" if entry == "chunked" else "")
+    module = _load(spec, family, prefix)
     raw = _inputs(core, decay, B, T, H, HQ, spec.K, spec.V)
     if core == "delta" and not any(n == "beta" for n, _ in prologue):
         raw["beta"] = torch.sigmoid(raw["beta"]) * 2  # beta in (0, 2): negative eigenvalues too
@@ -101,7 +104,7 @@ def _check(core, decay, prologue=(), H=2, HQ=2, T=CHECKPOINT + 8, B=2, cu_seqlen
     for run in (_triton, _reference):
         x = {n: t.clone().requires_grad_(True) for n, t in raw.items()}
         if run is _triton:
-            o, S = run(core, spec, module, prefix, x, cu_seqlens)
+            o, S = run(core, spec, module, prefix, x, cu_seqlens, entry)
         else:
             o, S = run(core, spec, x, cu_seqlens)
         w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
@@ -142,6 +145,17 @@ def test_fused_prologues_forward_and_backward():
 def test_fused_mamba_prologue():
     """Mamba's dt = softplus(dt) and v = dt * v, with the [K, V] decay exp(A * dt) factored."""
     _check("linear", "factored", prologue=(("dt", (("softplus",),)), ("v", (("mul_dt",),))), T=40)
+
+
+def test_chunked_selective_scan():
+    """Mamba's [K, V] decay on the chunked scan kernels: blocks of 16 steps, three value tiles,
+    the fused dt and input scaling, an initial state, q/k shared by the two value heads."""
+    _check("linear", "factored", prologue=(("dt", (("softplus",),)), ("v", (("mul_dt",),))),
+           T=33, H=2, HQ=1, entry="chunked")
+
+
+def test_chunked_selective_scan_packed_sequences():
+    _check("linear", "factored", T=25, cu_seqlens=torch.tensor([0, 7, 24, 25]), entry="chunked")
 
 
 def test_recurrent_packed_sequences():

@@ -48,6 +48,8 @@ ROW_OPERANDS = ("q", "k")
 TILE, TILE_BWD = 2048, 1024
 #: steps between the recurrent forward's state checkpoints (the backward restarts from them)
 CHECKPOINT = 32
+#: the chunked selective scan: steps per block, and the [steps, K, V-tile] tile budget
+SCAN_STEPS, SCAN_TILE = 16, 2048
 
 
 # ---- 1. fusion -------------------------------------------------------------------------------
@@ -150,11 +152,14 @@ def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
         BK = _pow2(K)
         BV = min(_pow2(V), max(16, TILE // BK))
         BVB = min(_pow2(V), max(8, TILE_BWD // BK))
+        # the chunked selective scan holds [SBT, BK, SBV] tiles (several in the backward)
+        SBV = min(_pow2(V), max(4, SCAN_TILE // (SCAN_STEPS * BK)))
         return KernelSpec(node.op.value, H=H, K=K, V=V, HQ=HQ, decay=kind,
                           scale=float(node.attr("scale")), steps=node.attr("steps") or 1,
                           prologue=prologue, site=site, spec_ref=spec_ref,
                           extras={"BK": BK, "BV": BV, "BVB": BVB, "C": CHECKPOINT,
-                                  "warps": _warps(BK * BV), "warps_bwd": _warps(BK * BVB)})
+                                  "warps": _warps(BK * BV), "warps_bwd": _warps(BK * BVB),
+                                  "SBT": SCAN_STEPS, "SBV": SBV, "swarps": 4})
     if node.op is Op.ATTENTION:
         return KernelSpec("attention", H=node.attr("heads"), K=node.attr("key_dim"),
                           V=node.attr("value_dim"), HKV=node.attr("kv_heads"),
