@@ -39,7 +39,7 @@ def _linear_spec(core, decay, H=2, HQ=2, K=8, V=12, prologue=(), BV=8, BVB=4):
     return KernelSpec(core, H=H, K=K, V=V, HQ=HQ, decay=decay, scale=K ** -0.5, prologue=prologue,
                       site="test", spec_ref="test.seq:1",
                       extras={"BK": 8, "BV": BV, "BVB": BVB, "C": CHECKPOINT, "warps": 1,
-                              "warps_bwd": 1, "SBT": 16, "SBV": 4, "swarps": 1})
+                              "warps_bwd": 1, "SBT": 16, "SBV": 4, "swarps": 1, "chunk_min_t": 64})
 
 
 def _inputs(core, decay, B, T, H, HQ, K, V, seed=0):
@@ -82,8 +82,9 @@ def _triton(core, spec, module, prefix, x, cu_seqlens=None, entry="recurrent"):
         g = torch.nn.functional.logsigmoid(g)
     fn = getattr(module, f"{prefix}_{entry}")
     args = (x["q"], x["k"], x["v"]) + ((x["beta"],) if core == "delta" else ())
+    extra = {"chunked": True} if entry == "chunked" else {}
     return fn(*args, g, initial_state=x["h0"], cu_seqlens=cu_seqlens, decay_A=x.get("A"),
-              decay_dt=x.get("dt"))
+              decay_dt=x.get("dt"), **extra)
 
 
 def _check(core, decay, prologue=(), H=2, HQ=2, T=CHECKPOINT + 8, B=2, cu_seqlens=None,
@@ -164,23 +165,26 @@ def test_recurrent_packed_sequences():
 
 def test_scan_kernel_with_prologue_and_packed_sequences():
     spec = KernelSpec("scan", H=1, K=12, V=12, prologue=(("a", (("sigmoid",),)),),
-                      site="test", spec_ref="test.seq:1", extras={"BD": 8, "BT": 16, "warps": 1})
+                      site="test", spec_ref="test.seq:1",
+                      extras={"BD": 8, "BT": 16, "warps": 1, "chunk_min_t": 64})
     module = _load(spec, "scan.py.j2", "scan_test")
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1, 45, 3, 4, generator=g), torch.randn(1, 45, 3, 4, generator=g)
     h0 = torch.randn(3, 3, 4, generator=g)
     cu = torch.tensor([0, 9, 44, 45])
     outs = []
-    for use_kernel in (True, False):
+    for use_kernel in ("blocks", "steps", False):
         xs = [t.clone().requires_grad_(True) for t in (a, b, h0)]
         if use_kernel:
-            h, hT = module.scan_test_scan(xs[0], xs[1], initial_state=xs[2], cu_seqlens=cu)
+            h, hT = module.scan_test_scan(xs[0], xs[1], initial_state=xs[2], cu_seqlens=cu,
+                                          chunked=use_kernel == "blocks")
         else:
             h, hT = ops.scan_ref(torch.sigmoid(xs[0]), xs[1], initial_state=xs[2],
                                  output_final_state=True, cu_seqlens=cu)
         ((h * torch.cos(h)).sum() + hT.square().sum()).backward()
         outs.append((h, hT, [x.grad for x in xs]))
-    assert_close(outs[0][0], outs[1][0], torch.float32, "scan output")
-    assert_close(outs[0][1], outs[1][1], torch.float32, "scan final state")
-    for name, got, want in zip(("a", "b", "h0"), outs[0][2], outs[1][2]):
-        assert_close(got, want, torch.float32, f"scan gradient of {name}")
+    for form, result in zip(("blocks", "steps"), outs[:2]):
+        assert_close(result[0], outs[2][0], torch.float32, f"scan output ({form})")
+        assert_close(result[1], outs[2][1], torch.float32, f"scan final state ({form})")
+        for name, got, want in zip(("a", "b", "h0"), result[2], outs[2][2]):
+            assert_close(got, want, torch.float32, f"scan gradient of {name} ({form})")

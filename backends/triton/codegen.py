@@ -50,6 +50,9 @@ TILE, TILE_BWD = 2048, 1024
 CHECKPOINT = 32
 #: the chunked selective scan: steps per block, and the [steps, K, V-tile] tile budget
 SCAN_STEPS, SCAN_TILE = 16, 2048
+#: scans (elementwise and selective) switch from the step kernels to the block-scan kernels at
+#: this sequence length: below it there is too little time to parallelise over
+CHUNK_MIN_T = 64
 
 
 # ---- 1. fusion -------------------------------------------------------------------------------
@@ -140,7 +143,8 @@ def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
         D = math.prod(d.size for d in node.attr("state_shape"))
         BD = min(_pow2(D), 64)  # [BT, BD] blocks: a, b, h and the scan's two outputs in registers
         return KernelSpec("scan", H=1, K=D, V=D, prologue=prologue, site=site, spec_ref=spec_ref,
-                          extras={"BD": BD, "BT": 32, "warps": 4 if BD >= 64 else 2})
+                          extras={"BD": BD, "BT": 32, "warps": 4 if BD >= 64 else 2,
+                                  "chunk_min_t": CHUNK_MIN_T})
     if node.op in (Op.LINEAR, Op.DELTA):
         kind = node.attr("decay_kind")
         K, V, H = node.attr("key_dim"), node.attr("value_dim"), node.attr("heads")
@@ -159,7 +163,8 @@ def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
                           prologue=prologue, site=site, spec_ref=spec_ref,
                           extras={"BK": BK, "BV": BV, "BVB": BVB, "C": CHECKPOINT,
                                   "warps": _warps(BK * BV), "warps_bwd": _warps(BK * BVB),
-                                  "SBT": SCAN_STEPS, "SBV": SBV, "swarps": 4})
+                                  "SBT": SCAN_STEPS, "SBV": SBV, "swarps": 4,
+                                  "chunk_min_t": CHUNK_MIN_T})
     if node.op is Op.ATTENTION:
         return KernelSpec("attention", H=node.attr("heads"), K=node.attr("key_dim"),
                           V=node.attr("value_dim"), HKV=node.attr("kv_heads"),
