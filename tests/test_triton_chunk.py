@@ -25,13 +25,18 @@ LENGTHS = (5, 17, 9)    # packed sequences of the cu_seqlens tests
 _MODULES: dict = {}
 
 
-def module(core: str, decay: str, H: int, HQ: int, k: int = K, v: int = V):
-    """The rendered kernels of one spec (cached: rendering + import per spec once)."""
-    key = (core, decay, H, HQ, k, v)
+def prefix(core, decay, H, HQ, k=K, v=V, tiles=None):
+    return f"{core}_{decay}_{H}_{HQ}_{k}_{v}" + ("".join(f"_{t}" for t in tiles.values()) if tiles else "")
+
+
+def module(core: str, decay: str, H: int, HQ: int, k: int = K, v: int = V, tiles=None):
+    """The rendered kernels of one spec (cached: rendering + import per spec once); ``tiles``:
+    extras forcing the chunk kernels' key / value tiles (``chunk_bk``, ``chunk_bv``)."""
+    key = (core, decay, H, HQ, k, v, tuple(sorted((tiles or {}).items())))
     if key not in _MODULES:
         spec = KernelSpec(core=core, H=H, HQ=HQ, K=k, V=v, decay=decay, scale=k ** -0.5,
-                          site=f"test.{core}", spec_ref="test.seq:1")
-        _MODULES[key] = th.load(f"{core}_chunk.py.j2", spec, f"{core}_{decay}_{H}_{HQ}_{k}_{v}")
+                          site=f"test.{core}", spec_ref="test.seq:1", extras=dict(tiles or {}))
+        _MODULES[key] = th.load(f"{core}_chunk.py.j2", spec, prefix(core, decay, H, HQ, k, v, tiles))
     return _MODULES[key]
 
 
@@ -61,13 +66,13 @@ def inputs(core, decay, H, HQ, lengths=None, T=37, B=2, h0=True, dtype=torch.flo
     return x, weights, cu
 
 
-def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32):
+def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, tiles=None):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the runtime tests run the kernels on CPU under TRITON_INTERPRET=1")
-    m = module(core, decay, H, HQ)
+    m = module(core, decay, H, HQ, tiles=tiles)
     ins = {n: t.to(dtype) if n in ("q", "k", "v", "beta") else t for n, t in x.items()}
     args = [ins["q"], ins["k"], ins["v"]] + ([ins["beta"]] if core == "delta" else [])
-    fn = getattr(m, f"{core}_{decay}_{H}_{HQ}_{K}_{V}_chunk")
+    fn = getattr(m, prefix(core, decay, H, HQ, tiles=tiles) + "_chunk")
     return fn(*args, ins.get("g"), ins.get("h0"), cu)
 
 
@@ -90,9 +95,10 @@ def grads(run, x, weights, final_loss=True):
     return o.detach(), S.detach(), {n: t.grad for n, t in leaves.items()}
 
 
-def check(core, decay, H, HQ, lengths=None, T=37, h0=True, final_loss=True, extra_ref=None):
+def check(core, decay, H, HQ, lengths=None, T=37, h0=True, final_loss=True, extra_ref=None,
+          tiles=None):
     x, w, cu = inputs(core, decay, H, HQ, lengths, T=T, h0=h0)
-    o, S, g = grads(lambda a: run_kernel(core, decay, H, HQ, a, cu), x, w, final_loss)
+    o, S, g = grads(lambda a: run_kernel(core, decay, H, HQ, a, cu, tiles=tiles), x, w, final_loss)
     refs = [("ref", lambda a: run_ref(core, a, cu))] + ([("fla", extra_ref)] if extra_ref else [])
     for label, ref in refs:
         o2, S2, g2 = grads(ref, x, w, final_loss)
@@ -111,6 +117,14 @@ def test_linear_chunk(decay, layout):
     """T = 37 over chunks of 16 (B = 2) or packed lengths (5, 17, 9); 2 q/k heads for 4 value
     heads; initial state; gradients of q, k, v, g and the initial state."""
     check("linear", decay, 4, 2, LENGTHS if layout == "varlen" else None)
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar", "key"])
+def test_linear_chunk_tiles(decay):
+    """Key and value tiles of 16 (K = 20, V = 24: two of each, the second partly masked): the
+    forward's outputs summed over key tiles, dq/dk/dG per key tile, dv over value tiles; packed
+    sequences and a final-state loss (dg's carry)."""
+    check("linear", decay, 4, 2, LENGTHS, tiles={"chunk_bk": 16, "chunk_bv": 16})
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])
@@ -194,7 +208,7 @@ def test_kernels_compile_for_sm90(sm90_rows):
     """Every registered kernel at its default configuration (bf16 inputs, fp32 states, K = V =
     64, 4 value heads on 2 q/k heads) compiles for sm90, spills nothing, and uses tensor cores
     (HGMMA/HMMA) where it calls tl.dot."""
-    assert len(sm90_rows) == 15
+    assert len(sm90_rows) == 23
     for row in sm90_rows:
         print(row)
         assert row["STACK"] == 0 and row["LOCAL"] == 0, f"spills: {row}"
