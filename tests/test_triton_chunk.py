@@ -25,18 +25,19 @@ LENGTHS = (5, 17, 9)    # packed sequences of the cu_seqlens tests
 _MODULES: dict = {}
 
 
-def prefix(core, decay, H, HQ, k=K, v=V, tiles=None):
-    return f"{core}_{decay}_{H}_{HQ}_{k}_{v}" + ("".join(f"_{t}" for t in tiles.values()) if tiles else "")
+def prefix(core, decay, H, HQ, k=K, v=V, extras=None):
+    return f"{core}_{decay}_{H}_{HQ}_{k}_{v}" + ("".join(f"_{t}" for t in extras.values()) if extras else "")
 
 
-def module(core: str, decay: str, H: int, HQ: int, k: int = K, v: int = V, tiles=None):
-    """The rendered kernels of one spec (cached: rendering + import per spec once); ``tiles``:
-    extras forcing the chunk kernels' key / value tiles (``chunk_bk``, ``chunk_bv``)."""
-    key = (core, decay, H, HQ, k, v, tuple(sorted((tiles or {}).items())))
+def module(core: str, decay: str, H: int, HQ: int, k: int = K, v: int = V, extras=None):
+    """The rendered kernels of one spec (cached: rendering + import per spec once); ``extras``
+    reach the template as ``s.extras``: tile overrides (``chunk_bk``, ``chunk_bv`` of the linear
+    template, ``delta_bvb``, ``delta_bvc``, ``delta_bt_interpret`` of the delta one)."""
+    key = (core, decay, H, HQ, k, v, tuple(sorted((extras or {}).items())))
     if key not in _MODULES:
         spec = KernelSpec(core=core, H=H, HQ=HQ, K=k, V=v, decay=decay, scale=k ** -0.5,
-                          site=f"test.{core}", spec_ref="test.seq:1", extras=dict(tiles or {}))
-        _MODULES[key] = th.load(f"{core}_chunk.py.j2", spec, prefix(core, decay, H, HQ, k, v, tiles))
+                          site=f"test.{core}", spec_ref="test.seq:1", extras=dict(extras or {}))
+        _MODULES[key] = th.load(f"{core}_chunk.py.j2", spec, prefix(core, decay, H, HQ, k, v, extras))
     return _MODULES[key]
 
 
@@ -66,13 +67,13 @@ def inputs(core, decay, H, HQ, lengths=None, T=37, B=2, h0=True, dtype=torch.flo
     return x, weights, cu
 
 
-def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, tiles=None):
+def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, extras=None):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the runtime tests run the kernels on CPU under TRITON_INTERPRET=1")
-    m = module(core, decay, H, HQ, tiles=tiles)
+    m = module(core, decay, H, HQ, extras=extras)
     ins = {n: t.to(dtype) if n in ("q", "k", "v", "beta") else t for n, t in x.items()}
     args = [ins["q"], ins["k"], ins["v"]] + ([ins["beta"]] if core == "delta" else [])
-    fn = getattr(m, prefix(core, decay, H, HQ, tiles=tiles) + "_chunk")
+    fn = getattr(m, prefix(core, decay, H, HQ, extras=extras) + "_chunk")
     return fn(*args, ins.get("g"), ins.get("h0"), cu)
 
 
@@ -96,9 +97,9 @@ def grads(run, x, weights, final_loss=True):
 
 
 def check(core, decay, H, HQ, lengths=None, T=37, h0=True, final_loss=True, extra_ref=None,
-          tiles=None):
+          extras=None):
     x, w, cu = inputs(core, decay, H, HQ, lengths, T=T, h0=h0)
-    o, S, g = grads(lambda a: run_kernel(core, decay, H, HQ, a, cu, tiles=tiles), x, w, final_loss)
+    o, S, g = grads(lambda a: run_kernel(core, decay, H, HQ, a, cu, extras=extras), x, w, final_loss)
     refs = [("ref", lambda a: run_ref(core, a, cu))] + ([("fla", extra_ref)] if extra_ref else [])
     for label, ref in refs:
         o2, S2, g2 = grads(ref, x, w, final_loss)
@@ -124,7 +125,7 @@ def test_linear_chunk_tiles(decay):
     """Key and value tiles of 16 (K = 20, V = 24: two of each, the second partly masked): the
     forward's outputs summed over key tiles, dq/dk/dG per key tile, dv over value tiles; packed
     sequences and a final-state loss (dg's carry)."""
-    check("linear", decay, 4, 2, LENGTHS, tiles={"chunk_bk": 16, "chunk_bv": 16})
+    check("linear", decay, 4, 2, LENGTHS, extras={"chunk_bk": 16, "chunk_bv": 16})
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])
@@ -132,6 +133,21 @@ def test_linear_chunk_tiles(decay):
 def test_delta_chunk(decay, layout):
     """As for linear, with β in (0, 1.9): negative eigenvalues of I - β k kᵀ."""
     check("delta", decay, 4, 2, LENGTHS if layout == "varlen" else None)
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_delta_chunk_value_tiles(decay):
+    """The chunked backward with its value dimension (24) over two tiles of 16, the second
+    masked (the state passes' grid, the per-chunk kernel's loop over tiles and dβ's shares per
+    tile), and chunks of 32 (the GPU's for K <= 64; 16 elsewhere under the interpreter); packed
+    sequences; no loss on the final state (dS_T = 0, dg without its S_T term)."""
+    check("delta", decay, 4, 2, LENGTHS, final_loss=False,
+          extras={"delta_bvb": 16, "delta_bvc": 16, "delta_bt_interpret": 32})
+
+
+def test_delta_chunk_no_initial_state():
+    """Gated, T = 37 in chunks of 16, no initial state (dS_0 not returned), both losses."""
+    check("delta", "scalar", 2, 2, h0=False)
 
 
 @pytest.mark.parametrize("core,decay", [("linear", "none"), ("linear", "scalar"),
@@ -208,7 +224,7 @@ def test_kernels_compile_for_sm90(sm90_rows):
     """Every registered kernel at its default configuration (bf16 inputs, fp32 states, K = V =
     64, 4 value heads on 2 q/k heads) compiles for sm90, spills nothing, and uses tensor cores
     (HGMMA/HMMA) where it calls tl.dot."""
-    assert len(sm90_rows) == 23
+    assert len(sm90_rows) == 26  # linear: 17 over the three decays; delta: fwd + 3 backward (+ dg gated)
     for row in sm90_rows:
         print(row)
         assert row["STACK"] == 0 and row["LOCAL"] == 0, f"spills: {row}"
