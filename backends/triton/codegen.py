@@ -131,7 +131,7 @@ def _pow2(n: int) -> int:
 
 
 def _warps(entries: int) -> int:
-    return 4 if entries >= 2048 else 2 if entries >= 512 else 1
+    return 4 if entries >= 1024 else 2 if entries >= 512 else 1
 
 
 def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
