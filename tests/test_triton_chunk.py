@@ -17,6 +17,7 @@ import torch
 import triton_harness as th  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 import triton
 
+from seqdsl.backends.triton import support as ts
 from seqdsl.backends.triton.kernel_spec import KernelSpec
 from seqdsl.ops import assert_close, delta_ref, linear_ref
 
@@ -25,19 +26,23 @@ LENGTHS = (5, 17, 9)    # packed sequences of the cu_seqlens tests
 _MODULES: dict = {}
 
 
-def prefix(core, decay, H, HQ, k=K, v=V, extras=None):
-    return f"{core}_{decay}_{H}_{HQ}_{k}_{v}" + ("".join(f"_{t}" for t in extras.values()) if extras else "")
+def prefix(core, decay, H, HQ, k=K, v=V, extras=None, prologue=()):
+    return f"{core}_{decay}_{H}_{HQ}_{k}_{v}" + ("".join(f"_{t}" for t in extras.values()) if extras else "") + \
+        ("_p" + "".join(n for n, _ in prologue) if prologue else "")
 
 
-def module(core: str, decay: str, H: int, HQ: int, k: int = K, v: int = V, extras=None):
+def module(core: str, decay: str, H: int, HQ: int, k: int = K, v: int = V, extras=None, prologue=()):
     """The rendered kernels of one spec (cached: rendering + import per spec once); ``extras``
     reach the template as ``s.extras``: tile overrides (``chunk_bk``, ``chunk_bv`` of the linear
-    template, ``delta_bvb``, ``delta_bvc``, ``delta_bt_interpret`` of the delta one)."""
-    key = (core, decay, H, HQ, k, v, tuple(sorted((extras or {}).items())))
+    template, ``delta_bvb``, ``delta_bvc``, ``delta_bt_interpret`` of the delta one);
+    ``prologue`` the fused producers (the IR's ``(operand, chain)`` pairs)."""
+    key = (core, decay, H, HQ, k, v, tuple(sorted((extras or {}).items())), prologue)
     if key not in _MODULES:
         spec = KernelSpec(core=core, H=H, HQ=HQ, K=k, V=v, decay=decay, scale=k ** -0.5,
-                          site=f"test.{core}", spec_ref="test.seq:1", extras=dict(extras or {}))
-        _MODULES[key] = th.load(f"{core}_chunk.py.j2", spec, prefix(core, decay, H, HQ, k, v, extras))
+                          prologue=prologue, site=f"test.{core}", spec_ref="test.seq:1",
+                          extras=dict(extras or {}))
+        _MODULES[key] = th.load(f"{core}_chunk.py.j2", spec,
+                                prefix(core, decay, H, HQ, k, v, extras, prologue))
     return _MODULES[key]
 
 
@@ -67,13 +72,18 @@ def inputs(core, decay, H, HQ, lengths=None, T=37, B=2, h0=True, dtype=torch.flo
     return x, weights, cu
 
 
-def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, extras=None):
+def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, extras=None, prologue=()):
+    """The chunk kernels on ``x`` (raw operands where ``prologue`` fuses producers: torch applies
+    only the part the kernels leave to it, ``<prefix>_UNFUSED``, as the generated entry does)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the runtime tests run the kernels on CPU under TRITON_INTERPRET=1")
-    m = module(core, decay, H, HQ, extras=extras)
+    m = module(core, decay, H, HQ, extras=extras, prologue=prologue)
     ins = {n: t.to(dtype) if n in ("q", "k", "v", "beta") else t for n, t in x.items()}
+    unfused = getattr(m, prefix(core, decay, H, HQ, extras=extras, prologue=prologue) + "_UNFUSED")
+    if unfused:
+        ins.update(ts.apply_prologue(unfused, {n: ins.get(n) for n in ("q", "k", "v", "beta", "g")}))
     args = [ins["q"], ins["k"], ins["v"]] + ([ins["beta"]] if core == "delta" else [])
-    fn = getattr(m, prefix(core, decay, H, HQ, extras=extras) + "_chunk")
+    fn = getattr(m, prefix(core, decay, H, HQ, extras=extras, prologue=prologue) + "_chunk")
     return fn(*args, ins.get("g"), ins.get("h0"), cu)
 
 
@@ -97,10 +107,19 @@ def grads(run, x, weights, final_loss=True):
 
 
 def check(core, decay, H, HQ, lengths=None, T=37, h0=True, final_loss=True, extra_ref=None,
-          extras=None):
+          extras=None, prologue=(), raw=None):
+    """Kernels against the references: outputs, final states and the gradients of every input;
+    with a ``prologue`` of the raw operands (``raw``: replaced inputs), the references reading
+    ``ts.apply_prologue`` of them."""
     x, w, cu = inputs(core, decay, H, HQ, lengths, T=T, h0=h0)
-    o, S, g = grads(lambda a: run_kernel(core, decay, H, HQ, a, cu, extras=extras), x, w, final_loss)
-    refs = [("ref", lambda a: run_ref(core, a, cu))] + ([("fla", extra_ref)] if extra_ref else [])
+    x = dict(x, **(raw(x) if raw else {}))
+    o, S, g = grads(lambda a: run_kernel(core, decay, H, HQ, a, cu, extras=extras, prologue=prologue),
+                    x, w, final_loss)
+
+    def fused(a):  # the producers by torch ops, then the reference core
+        names = [n for n in ("q", "k", "v", "beta", "g") if n in a]
+        return dict(a, **ts.apply_prologue(prologue, {n: a[n] for n in names}))
+    refs = [("ref", lambda a: run_ref(core, fused(a), cu))] + ([("fla", extra_ref)] if extra_ref else [])
     for label, ref in refs:
         o2, S2, g2 = grads(ref, x, w, final_loss)
         assert_close(o, o2, torch.float32, f"{label} o")
@@ -190,6 +209,47 @@ def test_fp16(core, decay):
     assert_close(S, S2, torch.float16, "final state")
     for name in x:
         assert_close(g[name].float(), g2[name], torch.float16, f"d{name}")
+
+
+# ---- fused producers (the IR's prologue) -------------------------------------------------
+
+L2 = ("l2norm", 1e-6)
+GDN = (("beta", (("sigmoid",),)), ("g", (("logsigmoid",),)), ("k", (("silu",), L2)),
+       ("q", (L2,)), ("v", (("silu",),)))  # Gated DeltaNet's (+ a silu on v)
+
+
+def raw_operands(x, seed=1):
+    """Raw (pre-producer) q, k, v, β, g: unnormalised keys, β and the gate's logits anywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {n: torch.randn(x[n].shape, generator=gen) for n in ("q", "k", "v") if n in x}
+    out.update({n: torch.randn(x[n].shape, generator=gen) * 2 for n in ("beta", "g") if n in x})
+    return out
+
+
+@pytest.mark.parametrize("decay,layout", [("scalar", "padded"), ("none", "varlen")])
+def test_delta_chunk_prologue(decay, layout):
+    """Every operand's chain in registers, forward and backward (dq, dk, dv, dβ, dg w.r.t. the raw
+    operands, dg after the reverse cumsum); varlen: two value tiles of 16 in the backward (dv
+    chained back per tile by the per-chunk kernel)."""
+    prologue = tuple(p for p in GDN if decay == "scalar" or p[0] != "g")
+    extras = {"delta_bvb": 16, "delta_bvc": 16} if layout == "varlen" else None
+    check("delta", decay, 4, 2, LENGTHS if layout == "varlen" else None, prologue=prologue,
+          raw=raw_operands, extras=extras)
+
+
+@pytest.mark.parametrize("decay", ["scalar", "key"])
+@pytest.mark.parametrize("tiles", [False, True])
+def test_linear_chunk_prologue(decay, tiles):
+    """GLA-style g = logsigmoid(g), q = silu(q), v = silu(v), k = l2norm(k): in registers where
+    one key tile covers K (l2norm included); with key tiles of 16 (K = 20) l2norm stays on the
+    torch side (``_UNFUSED``) and the elementwise producers are still fused."""
+    prologue = (("g", (("logsigmoid",),)), ("k", (L2,)), ("q", (("silu",),)), ("v", (("silu",),)))
+    extras = {"chunk_bk": 16, "chunk_bv": 16} if tiles else None
+    m = module("linear", decay, 4, 2, extras=extras, prologue=prologue)
+    unfused = getattr(m, prefix("linear", decay, 4, 2, extras=extras, prologue=prologue) + "_UNFUSED")
+    assert unfused == ((("k", (L2,)),) if tiles else ())
+    check("linear", decay, 4, 2, LENGTHS if tiles else None, prologue=prologue, raw=raw_operands,
+          extras=extras)
 
 
 # ---- ahead-of-time build for Hopper --------------------------------------------------------
