@@ -107,6 +107,27 @@ def decay_matrix(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return G, diff.clamp_max_(0).exp_()                  # in place: one [..., C, C] allocation
 
 
+#: largest ``|G|`` (log decay accumulated from a chunk start) for which :func:`decay_factors`
+#: forms ``e^{G_i}`` and ``e^{-G_j}`` separately: their products stay below ``e^{60}`` (no fp32
+#: overflow, even above the diagonal before masking) and above ``e^{-60}``
+FACTOR_LIMIT = 30.0
+
+
+def decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(e^G, e^{-G})`` in ``dtype`` from the float64 cumulative log decay ``G [..., C]``, or
+    None when some ``|G|`` exceeds :data:`FACTOR_LIMIT` (then use :func:`decay_matrix`).
+
+    ``e^{G_i - G_j} = e^{G_i} · e^{-G_j}``: each factor is rounded once from float64, so the
+    product is within two ulps of the exact decay: as accurate as :func:`decay_matrix`, without
+    any ``[..., C, C]`` pass. The decay then rides on the rows of q and k before their matmul
+    (``(q ⊙ e^G)(k ⊙ e^{-G})ᵀ``). One scalar check of the range decides (a host sync: cheap on
+    a CPU, where these forms run).
+    """
+    if bool(G.abs().amax() > FACTOR_LIMIT):
+        return None
+    return torch.exp(G).to(dtype), torch.exp(-G).to(dtype)
+
+
 def cumsum_to_end(x: Tensor, dim: int) -> Tensor:
     """Exclusive reverse cumulative sum: ``out[t] = sum_{s > t} x[s]`` along ``dim``."""
     rev = x.flip(dim).cumsum(dim).flip(dim)               # sum_{s >= t}
@@ -130,5 +151,5 @@ def checkpointed(fn: Callable, *args):
 
 
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
-           "from_chunks", "segsum", "decay_matrix", "cumsum_to_end", "sub_chunk_size",
+           "from_chunks", "segsum", "decay_matrix", "decay_factors", "FACTOR_LIMIT", "cumsum_to_end", "sub_chunk_size",
            "checkpointed"]

@@ -26,7 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_matrix,
+from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_factors,
+                        decay_matrix,
                         default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
                         to_chunks)
 from ._varlen import varlen_call
@@ -212,15 +213,34 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
     vc = to_chunks(v.reshape(B, T, Hq, r * V), C)                    # [B, Hq, n, C, r·V]
     n = qc.shape[2]
-    scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
+    gc = None if g is None else to_chunks(g.reshape(B, T, Hq, r), C).mT   # [B, Hq, n, r, C]
+    factors = None
+    if gc is not None and r == 1:  # the decay on the rows of q and k: no [C, C] decay pass
+        G = gc.to(torch.float64).cumsum(-1)
+        factors = decay_factors(G, q.dtype)
 
+    if factors is not None:
+        e_G, e_negG = (f.mT for f in factors)                        # [B, Hq, n, C, 1]
+        q_in = qc * (e_G * scale)                                    # scale folded in: no pass on o
+        scores = (q_in @ (kc * e_negG).mT).tril_()                   # (q_i·k_j) e^{G_i - G_j}
+        to_end = e_negG * torch.exp(G[..., -1:].to(q.dtype)).mT      # e^{G_C - G_j}
+        writes = (kc * to_end).mT @ vc                               # [B, Hq, n, K, V]
+        chunk_decay = torch.exp(G[..., -1].to(q.dtype))              # [B, Hq, n, 1]
+        S_prev, S = _pass_states(chunk_decay.view(B * Hq, n, 1, 1, 1),
+                                 writes.view(B * Hq, n, K, 1, V), _group_state(S0, Hq))
+        # intra + inter in one call: scores v + (q e^G) S_prev, the add fused into the matmul
+        o = torch.baddbmm((scores @ vc).flatten(0, 2), q_in.flatten(0, 2),
+                          S_prev.view(B * Hq * n, K, V)).view(B, Hq, n, C, V)
+        o = from_chunks(o, T).reshape(B, T, H, V)
+        return o, _ungroup_state(S, B)
+
+    scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
     if g is None:  # no decay: one causal score matrix for all r value heads
         o = scores @ vc                                              # [B, Hq, n, C, r·V]
         writes = kc.mT @ vc                                          # [B, Hq, n, K, r·V]
         S_prev, S = _pass_states(None, writes.view(B * Hq, n, K, r, V), _group_state(S0, Hq))
         o = o.add_(qc @ S_prev.view(B, Hq, n, K, r * V)).mul_(scale)
     else:
-        gc = to_chunks(g.reshape(B, T, Hq, r), C).mT                 # [B, Hq, n, r, C]
         G, decay = decay_matrix(gc, q.dtype)              # float64 [.., C], [B, Hq, n, r, C, C]
         v_heads = vc.view(B, Hq, n, C, r, V).transpose(3, 4)        # [B, Hq, n, r, C, V]
         # one decay matrix per value head: scores ⊙ decay, in place when there is one
