@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunking import (cast, compute_dtype, decay_matrix, default_scale, from_chunks,
+from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale, from_chunks,
                         output_dtype, to_chunks)
 from ._varlen import varlen_call
 
@@ -101,26 +101,37 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
     qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
     n = qc.shape[2]
-    Gd, decay = decay_matrix(gc, q.dtype)            # [B, H, n, C] (float64), [B, H, n, C, C]
-    G = Gd.to(q.dtype)                               # decay: e^{G_i - G_j} for j <= i, 1 above
-
     track = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, g, S0))
-    A = kc @ kc.mT
-    A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
+    Gd = gc.to(torch.float64).cumsum(-1)             # [B, H, n, C] log decay from the chunk start
+    G = Gd.to(q.dtype)
+    factors = decay_factors(Gd, q.dtype)
+    if factors is not None:                          # e^{G_i - G_j} = e^{G_i} e^{-G_j}: on the rows
+        e_G, e_negG = (f[..., None] for f in factors)                   # [B, H, n, C, 1]
+        q_in = qc * e_G                              # reads the state entering the chunk
+        k_back = kc * e_negG
+        kb = kc * (bc[..., None] * e_G)              # β e^G k
+        A = (kb @ k_back.mT).tril_(-1)               # β_i e^{G_i - G_j} k_i·k_j (j < i)
+        P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
+    else:
+        Gd, decay = decay_matrix(gc, q.dtype)        # decay: e^{G_i - G_j} for j <= i, 1 above
+        q_in = qc * torch.exp(G)[..., None]
+        kb = kc * (bc * torch.exp(G))[..., None]
+        A = kc @ kc.mT
+        A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
+        P = (qc @ kc.mT).tril_()
+        P = P.mul_(decay) if not track else P * decay
     # right-hand side [β v | β e^G k]: written into one buffer without autograd (no cat)
     if track:
-        rhs = torch.cat([vc * bc[..., None], kc * (bc * torch.exp(G))[..., None]], dim=-1)
+        rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
     else:
         rhs = q.new_empty(B, H, n, chunk, V + K)
         torch.mul(vc, bc[..., None], out=rhs[..., :V])
-        torch.mul(kc, (bc * torch.exp(G))[..., None], out=rhs[..., V:])
+        rhs[..., V:] = kb
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k]
 
-    P = (qc @ kc.mT).tril_()                         # intra-chunk scores, incl. the diagonal
-    P = P.mul_(decay) if not track else P * decay
     local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
-    read = qc * torch.exp(G)[..., None] - PW         # o = read @ S_prev + P U
+    read = q_in - PW                                 # o = read @ S_prev + P U
     k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
     inject, kW = (k_out.mT @ UW).split([V, K], dim=-1)                   # [B, H, n, K, V|K]
     transition = -kW                                 # e^{G_C} I - k_outᵀ W: [B, H, n, K, K]
@@ -132,7 +143,9 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
         S_prev.append(S)
         S = torch.baddbmm(inject[:, :, c].flatten(0, 1), transition[:, :, c].flatten(0, 1),
                           S.flatten(0, 1)).view(B, H, K, V)
-    o = (read @ torch.stack(S_prev, dim=2)).add_(local)   # [B, H, n, C, V]
+    S_prev = torch.stack(S_prev, dim=2).flatten(0, 2)                     # [B·H·n, K, V]
+    o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
+    o = o.view(B, H, n, chunk, V)
     return from_chunks(o, T), S
 
 
