@@ -64,6 +64,20 @@ def to_chunks(x: Tensor, chunk: int) -> Tensor:
     return x.view(B, H, T // chunk, chunk, *rest)
 
 
+def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor) -> Tensor:
+    """``to_chunks(x, chunk) * factor`` in one pass: the product is written straight into the
+    chunked layout (the transpose copy and the multiply fused). ``factor`` broadcasts against
+    ``[B, H, n, C, *rest]``. Under autograd (where ``out=`` is not allowed) the two steps."""
+    if torch.is_grad_enabled() and (x.requires_grad or factor.requires_grad):
+        return to_chunks(x, chunk) * factor
+    x = pad_time(x, chunk)
+    B, T, H, *rest = x.shape
+    view = x.view(B, T // chunk, chunk, H, *rest).movedim(3, 1)   # [B, H, n, C, *rest], strided
+    out = torch.empty((B, H, T // chunk, chunk, *rest), dtype=torch.promote_types(
+        x.dtype, factor.dtype), device=x.device)
+    return torch.mul(view, factor, out=out)
+
+
 def from_chunks(x: Tensor, length: int) -> Tensor:
     """[B, H, n, C, *rest] -> [B, T, H, *rest], dropping the padding beyond ``length``."""
     B, H, n, C = x.shape[:4]
@@ -150,6 +164,6 @@ def checkpointed(fn: Callable, *args):
     return fn(*args)
 
 
-__all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
+__all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks", "to_chunks_scaled",
            "from_chunks", "segsum", "decay_matrix", "decay_factors", "FACTOR_LIMIT", "cumsum_to_end", "sub_chunk_size",
            "checkpointed"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_factors,
                         decay_matrix,
                         default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
-                        to_chunks)
+                        to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -210,9 +210,8 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
     r, C = H // Hq, chunk
-    qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
     vc = to_chunks(v.reshape(B, T, Hq, r * V), C)                    # [B, Hq, n, C, r·V]
-    n = qc.shape[2]
+    n = vc.shape[2]
     gc = None if g is None else to_chunks(g.reshape(B, T, Hq, r), C).mT   # [B, Hq, n, r, C]
     factors = None
     if gc is not None and r == 1:  # the decay on the rows of q and k: no [C, C] decay pass
@@ -221,19 +220,23 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
 
     if factors is not None:
         e_G, e_negG = (f.mT for f in factors)                        # [B, Hq, n, C, 1]
-        q_in = qc * (e_G * scale)                                    # scale folded in: no pass on o
-        scores = (q_in @ (kc * e_negG).mT).tril_()                   # (q_i·k_j) e^{G_i - G_j}
-        to_end = e_negG * torch.exp(G[..., -1:].to(q.dtype)).mT      # e^{G_C - G_j}
-        writes = (kc * to_end).mT @ vc                               # [B, Hq, n, K, V]
+        q_in = to_chunks_scaled(q, C, e_G * scale)                   # scale folded in: no pass on o
+        k_back = to_chunks_scaled(k, C, e_negG)                      # k_j e^{-G_j}
+        scores = (q_in @ k_back.mT).tril_()                          # (q_i·k_j) e^{G_i - G_j}
+        # the writes decayed to the chunk end, e^{G_C} Σ_j k_j e^{-G_j} v_jᵀ: the factor e^{G_C}
+        # is applied in the state pass, S_c = e^{G_C} (S_{c-1} + Σ_j ...)
+        writes = k_back.mT @ vc                                      # [B, Hq, n, K, V]
         chunk_decay = torch.exp(G[..., -1].to(q.dtype))              # [B, Hq, n, 1]
         S_prev, S = _pass_states(chunk_decay.view(B * Hq, n, 1, 1, 1),
-                                 writes.view(B * Hq, n, K, 1, V), _group_state(S0, Hq))
+                                 writes.view(B * Hq, n, K, 1, V), _group_state(S0, Hq),
+                                 decay_after=True)
         # intra + inter in one call: scores v + (q e^G) S_prev, the add fused into the matmul
         o = torch.baddbmm((scores @ vc).flatten(0, 2), q_in.flatten(0, 2),
                           S_prev.view(B * Hq * n, K, V)).view(B, Hq, n, C, V)
         o = from_chunks(o, T).reshape(B, T, H, V)
         return o, _ungroup_state(S, B)
 
+    qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
     scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
     if g is None:  # no decay: one causal score matrix for all r value heads
         o = scores @ vc                                              # [B, Hq, n, C, r·V]
@@ -273,8 +276,10 @@ def _ungroup_state(S: Tensor, batch: int) -> Tensor:
     return S.view(batch, N // batch, K, r, V).transpose(2, 3).reshape(batch, -1, K, V)
 
 
-def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
-    """The chunk-to-chunk recurrence ``S_c = decay_c ⊙ S_{c-1} + writes_c`` over dim 1.
+def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None,
+                 decay_after: bool = False):
+    """The chunk-to-chunk recurrence ``S_c = decay_c ⊙ S_{c-1} + writes_c`` over dim 1 (with
+    ``decay_after``: ``S_c = decay_c ⊙ (S_{c-1} + writes_c)``, writes not yet decayed).
 
     ``writes [N, n, *S]``, ``decay`` broadcastable to it (None: no decay), ``S0 [N, *S]`` or None.
     Returns the states entering each chunk ``[N, n, *S]`` and the final state ``[N, *S]``.
@@ -285,15 +290,23 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
     """
     n = writes.shape[1]
     S = torch.zeros_like(writes[:, 0]) if S0 is None else S0
+
+    def step(S, c):
+        if decay is None:
+            return writes[:, c] + S
+        if decay_after:
+            return (writes[:, c] + S).mul_(decay[:, c])
+        return torch.addcmul(writes[:, c], decay[:, c], S)
+
     if torch.is_grad_enabled() and (writes.requires_grad or S.requires_grad
                                     or (decay is not None and decay.requires_grad)):
         entering = []
         for c in range(n):
             entering.append(S)
-            S = writes[:, c] + (S if decay is None else decay[:, c] * S)
+            S = step(S, c)
         return torch.stack(entering, dim=1), S
     for c in range(n):  # no autograd: the entering states overwrite the writes in place
-        after = writes[:, c] + (S if decay is None else decay[:, c] * S)
+        after = step(S, c)
         writes[:, c] = S
         S = after
     return writes, S
