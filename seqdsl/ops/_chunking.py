@@ -64,17 +64,21 @@ def to_chunks(x: Tensor, chunk: int) -> Tensor:
     return x.view(B, H, T // chunk, chunk, *rest)
 
 
-def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor) -> Tensor:
+def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor, out: Tensor | None = None) -> Tensor:
     """``to_chunks(x, chunk) * factor`` in one pass: the product is written straight into the
-    chunked layout (the transpose copy and the multiply fused). ``factor`` broadcasts against
+    chunked layout (the transpose copy and the multiply fused), into ``out`` if given (any
+    strides, e.g. a slice of a larger buffer). ``factor`` broadcasts against
     ``[B, H, n, C, *rest]``. Under autograd (where ``out=`` is not allowed) the two steps."""
     if torch.is_grad_enabled() and (x.requires_grad or factor.requires_grad):
+        if out is not None:
+            raise ValueError("to_chunks_scaled: no out= under autograd")
         return to_chunks(x, chunk) * factor
     x = pad_time(x, chunk)
     B, T, H, *rest = x.shape
     view = x.view(B, T // chunk, chunk, H, *rest).movedim(3, 1)   # [B, H, n, C, *rest], strided
-    out = torch.empty((B, H, T // chunk, chunk, *rest), dtype=torch.promote_types(
-        x.dtype, factor.dtype), device=x.device)
+    if out is None:
+        out = torch.empty((B, H, T // chunk, chunk, *rest), dtype=torch.promote_types(
+            x.dtype, factor.dtype), device=x.device)
     return torch.mul(view, factor, out=out)
 
 

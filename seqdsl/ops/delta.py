@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale, from_chunks,
-                        output_dtype, to_chunks)
+                        output_dtype, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -79,11 +79,11 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
                            output_final_state=output_final_state, chunk_size=chunk_size)
     q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state,
                                                       scale)
-    o, S = _delta_chunked(q * scale, k, v, beta, g, S0, chunk_size)
+    o, S = _delta_chunked(q, k, v, beta, g, S0, chunk_size, scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _delta_chunked(q, k, v, beta, g, S0, chunk):
+def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0):
     """WY/UT chunked form. Inside a chunk write the update as ``S_t = e^{g_t} S_{t-1} + k_t u_tᵀ``
     with ``u_t = β_t (v_t - e^{g_t} S_{t-1}ᵀ k_t)``. Unrolling from the state ``S_prev`` entering
     the chunk (``G_i`` = log decay accumulated from the chunk start through i):
@@ -98,36 +98,25 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
-    n = qc.shape[2]
+    n = bc.shape[2]
     track = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, g, S0))
     Gd = gc.to(torch.float64).cumsum(-1)             # [B, H, n, C] log decay from the chunk start
     G = Gd.to(q.dtype)
     factors = decay_factors(Gd, q.dtype)
-    if factors is not None:                          # e^{G_i - G_j} = e^{G_i} e^{-G_j}: on the rows
-        e_G, e_negG = (f[..., None] for f in factors)                   # [B, H, n, C, 1]
-        q_in = qc * e_G                              # reads the state entering the chunk
-        k_back = kc * e_negG
-        kb = kc * (bc[..., None] * e_G)              # β e^G k
-        A = (kb @ k_back.mT).tril_(-1)               # β_i e^{G_i - G_j} k_i·k_j (j < i)
-        P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
-    else:
-        Gd, decay = decay_matrix(gc, q.dtype)        # decay: e^{G_i - G_j} for j <= i, 1 above
-        q_in = qc * torch.exp(G)[..., None]
-        kb = kc * (bc * torch.exp(G))[..., None]
-        A = kc @ kc.mT
-        A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
-        P = (qc @ kc.mT).tril_()
-        P = P.mul_(decay) if not track else P * decay
-    # right-hand side [β v | β e^G k]: written into one buffer without autograd (no cat)
-    if track:
-        rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
-    else:
-        rhs = q.new_empty(B, H, n, chunk, V + K)
-        torch.mul(vc, bc[..., None], out=rhs[..., :V])
-        rhs[..., V:] = kb
+    if factors is not None:
+        return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track)
+
+    qc, kc, vc = to_chunks(q, chunk) * scale, to_chunks(k, chunk), to_chunks(v, chunk)
+    Gd, decay = decay_matrix(gc, q.dtype)            # decay: e^{G_i - G_j} for j <= i, 1 above
+    q_in = qc * torch.exp(G)[..., None]
+    kb = kc * (bc * torch.exp(G))[..., None]
+    A = kc @ kc.mT
+    A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
+    P = (qc @ kc.mT).tril_()
+    P = P.mul_(decay) if not track else P * decay
+    rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k]
 
     local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
@@ -147,6 +136,45 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
     o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
     o = o.view(B, H, n, chunk, V)
     return from_chunks(o, T), S
+
+
+def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
+    """:func:`_delta_chunked` with the decay on the rows (``e^{G_i - G_j} = e^{G_i} e^{-G_j}``,
+    see :func:`decay_factors`): no ``[C, C]`` decay pass, and the chunk-end decay ``e^{G_C}``
+    (a scalar per chunk) leaves the transition as ``S_next = e^{G_C} (S + k̃ᵀ (U - W S))`` with
+    ``k̃ = k e^{-G}``. Without autograd q, k, β v and β e^G k are written straight from the input
+    layout into their chunked buffers, scaled on the way (no separate transpose copies)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    e_G, e_negG = (f[..., None] for f in factors)                      # [B, H, n, C, 1]
+    n = e_G.shape[2]
+    q_in = to_chunks_scaled(q, chunk, e_G * scale)   # reads the state entering the chunk
+    k_back = to_chunks_scaled(k, chunk, e_negG)      # k_j e^{-G_j}
+    beta = bc[..., None]
+    if track:
+        rhs = torch.cat([to_chunks(v, chunk) * beta, to_chunks(k, chunk) * (beta * e_G)], dim=-1)
+    else:  # [β v | β e^G k] in one buffer
+        rhs = q.new_empty(B, H, n, chunk, V + K)
+        to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
+        to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
+    A = (rhs[..., V:] @ k_back.mT).tril_(-1)         # β_i e^{G_i - G_j} k_i·k_j (j < i)
+    P = (q_in @ k_back.mT).tril_()                   # intra-chunk scores, incl. the diagonal
+    UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
+
+    local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
+    read = q_in - PW                                 # o = read @ S_prev + P U
+    inject, kW = (k_back.mT @ UW).split([V, K], dim=-1)                  # [B, H, n, K, V|K]
+    chunk_decay = torch.exp(G[..., -1]).view(B * H, n, 1, 1)
+
+    S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
+    S_prev = []
+    for c in range(n):                               # S <- e^{G_C} (S + inject_c - kW_c S)
+        S_prev.append(S)
+        S = torch.baddbmm(inject[:, :, c].flatten(0, 1), kW[:, :, c].flatten(0, 1), S,
+                          alpha=-1).add_(S).mul_(chunk_decay[:, c])
+    S_prev = torch.stack(S_prev, dim=1).flatten(0, 1)                     # [B·H·n, K, V]
+    o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
+    return from_chunks(o.view(B, H, n, chunk, V), T), S.view(B, H, K, V)
 
 
 def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
