@@ -202,14 +202,27 @@ def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
         if s < block:
             Pw = Pw @ Pw
     X = X.view(*A.shape[:-2], m, block, block)
-    outs = []
+    if torch.is_grad_enabled() and (A.requires_grad or rhs.requires_grad):
+        outs = []
+        for i in range(m):
+            rows = slice(i * block, (i + 1) * block)
+            r = rhs[..., rows, :]
+            if i:
+                r = r - A[..., rows, :i * block] @ torch.cat(outs, dim=-2)
+            outs.append(X[..., i, :, :] @ r)
+        return torch.cat(outs, dim=-2)
+    # without autograd: block rows written into one buffer (no cat), the update fused (baddbmm)
+    R = rhs.shape[-1]
+    out = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device)
+    out3, A3, rhs3 = out.view(-1, C, R), A.reshape(-1, C, C), rhs.reshape(-1, C, R)
+    X3 = X.view(-1, m, block, block)
     for i in range(m):
         rows = slice(i * block, (i + 1) * block)
-        r = rhs[..., rows, :]
+        r = rhs3[:, rows]
         if i:
-            r = r - A[..., rows, :i * block] @ torch.cat(outs, dim=-2)
-        outs.append(X[..., i, :, :] @ r)
-    return torch.cat(outs, dim=-2)
+            r = torch.baddbmm(r, A3[:, rows, :i * block], out3[:, :i * block], alpha=-1)
+        out3[:, rows] = X3[:, i] @ r                 # (bmm's out= into a strided slice is slow)
+    return out
 
 
 def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
