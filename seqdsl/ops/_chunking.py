@@ -168,6 +168,6 @@ def checkpointed(fn: Callable, *args):
     return fn(*args)
 
 
-__all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks", "to_chunks_scaled",
-           "from_chunks", "segsum", "decay_matrix", "decay_factors", "FACTOR_LIMIT", "cumsum_to_end", "sub_chunk_size",
-           "checkpointed"]
+__all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
+           "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
+           "FACTOR_LIMIT", "cumsum_to_end", "sub_chunk_size", "checkpointed"]

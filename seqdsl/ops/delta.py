@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale, from_chunks,
-                        output_dtype, to_chunks, to_chunks_scaled)
+from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
+                        from_chunks, output_dtype, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -93,7 +93,9 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0):
         o = (q ⊙ e^G) S_prev + (q kᵀ ⊙ e^{G_i - G_j})_{j<=i} u
         S_next = e^{G_C} S_prev + (k ⊙ e^{G_C - G})ᵀ u
 
-    Everything but the chunk-to-chunk pass is batched over chunks; that pass is an affine map
+    When every ``|G| <= FACTOR_LIMIT`` the decay rides on the rows (:func:`_delta_factored`);
+    otherwise ``e^{G_i - G_j}`` comes from :func:`decay_matrix`. The unit-triangular solve is
+    :func:`_unit_lower_solve`. Everything but the chunk-to-chunk pass is batched over chunks; that pass is an affine map
     ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a loop over chunks.
     """
     B, T, H, K = q.shape

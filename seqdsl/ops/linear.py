@@ -202,8 +202,11 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     on the value side (``e^{G_C - G_j} v_j``) and on the output (``e^{G_i} (q_i S_prev)``), so
     q and k enter only plain matmuls: ``q kᵀ`` once per q/k head and, when heads share q/k, the
     state matmuls run over all ``r = H / Hq`` value heads at once (``[C, K] @ [K, r·V]``).
-    The decays come from :func:`decay_matrix` (cumulative sums in float64, so that
-    their differences ``G_i - G_j`` carry no cancellation error however strong the decay).
+    With one value head per q/k head and every ``|G| <= FACTOR_LIMIT`` (the usual case) the decay
+    rides on the rows, ``(q_i e^{G_i})·(k_j e^{-G_j})`` (:func:`decay_factors`: no ``[C, C]``
+    pass at all); otherwise the decays come from :func:`decay_matrix` (cumulative sums in
+    float64, so that their differences ``G_i - G_j`` carry no cancellation error however strong
+    the decay).
     Large temporaries are updated in place where autograd allows it: on a CPU every fresh
     allocation of a few MB costs page faults comparable to the arithmetic on it.
     """
@@ -231,8 +234,8 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
                                  writes.view(B * Hq, n, K, 1, V), _group_state(S0, Hq),
                                  decay_after=True)
         # intra + inter in one call: scores v + (q e^G) S_prev, the add fused into the matmul
-        o = torch.baddbmm((scores @ vc).flatten(0, 2), q_in.flatten(0, 2),
-                          S_prev.view(B * Hq * n, K, V)).view(B, Hq, n, C, V)
+        o = (scores @ vc).flatten(0, 2)                              # in place: no copy
+        o = o.baddbmm_(q_in.flatten(0, 2), S_prev.view(B * Hq * n, K, V)).view(B, Hq, n, C, V)
         o = from_chunks(o, T).reshape(B, T, H, V)
         return o, _ungroup_state(S, B)
 
