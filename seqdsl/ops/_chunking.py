@@ -64,6 +64,24 @@ def to_chunks(x: Tensor, chunk: int) -> Tensor:
     return x.view(B, H, T // chunk, chunk, *rest)
 
 
+def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor, out: Tensor | None = None) -> Tensor:
+    """``to_chunks(x, chunk) * factor`` in one pass: the product is written straight into the
+    chunked layout (the transpose copy and the multiply fused), into ``out`` if given (any
+    strides, e.g. a slice of a larger buffer). ``factor`` broadcasts against
+    ``[B, H, n, C, *rest]``. Under autograd (where ``out=`` is not allowed) the two steps."""
+    if torch.is_grad_enabled() and (x.requires_grad or factor.requires_grad):
+        if out is not None:
+            raise ValueError("to_chunks_scaled: no out= under autograd")
+        return to_chunks(x, chunk) * factor
+    x = pad_time(x, chunk)
+    B, T, H, *rest = x.shape
+    view = x.view(B, T // chunk, chunk, H, *rest).movedim(3, 1)   # [B, H, n, C, *rest], strided
+    if out is None:
+        out = torch.empty((B, H, T // chunk, chunk, *rest), dtype=torch.promote_types(
+            x.dtype, factor.dtype), device=x.device)
+    return torch.mul(view, factor, out=out)
+
+
 def from_chunks(x: Tensor, length: int) -> Tensor:
     """[B, H, n, C, *rest] -> [B, T, H, *rest], dropping the padding beyond ``length``."""
     B, H, n, C = x.shape[:4]
@@ -107,6 +125,27 @@ def decay_matrix(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return G, diff.clamp_max_(0).exp_()                  # in place: one [..., C, C] allocation
 
 
+#: largest ``|G|`` (log decay accumulated from a chunk start) for which :func:`decay_factors`
+#: forms ``e^{G_i}`` and ``e^{-G_j}`` separately: their products stay below ``e^{60}`` (no fp32
+#: overflow, even above the diagonal before masking) and above ``e^{-60}``
+FACTOR_LIMIT = 30.0
+
+
+def decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(e^G, e^{-G})`` in ``dtype`` from the float64 cumulative log decay ``G [..., C]``, or
+    None when some ``|G|`` exceeds :data:`FACTOR_LIMIT` (then use :func:`decay_matrix`).
+
+    ``e^{G_i - G_j} = e^{G_i} · e^{-G_j}``: each factor is rounded once from float64, so the
+    product is within two ulps of the exact decay: as accurate as :func:`decay_matrix`, without
+    any ``[..., C, C]`` pass. The decay then rides on the rows of q and k before their matmul
+    (``(q ⊙ e^G)(k ⊙ e^{-G})ᵀ``). One scalar check of the range decides (a host sync: cheap on
+    a CPU, where these forms run).
+    """
+    if bool(G.abs().amax() > FACTOR_LIMIT):
+        return None
+    return torch.exp(G).to(dtype), torch.exp(-G).to(dtype)
+
+
 def cumsum_to_end(x: Tensor, dim: int) -> Tensor:
     """Exclusive reverse cumulative sum: ``out[t] = sum_{s > t} x[s]`` along ``dim``."""
     rev = x.flip(dim).cumsum(dim).flip(dim)               # sum_{s >= t}
@@ -130,5 +169,5 @@ def checkpointed(fn: Callable, *args):
 
 
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
-           "from_chunks", "segsum", "decay_matrix", "cumsum_to_end", "sub_chunk_size",
-           "checkpointed"]
+           "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
+           "FACTOR_LIMIT", "cumsum_to_end", "sub_chunk_size", "checkpointed"]

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._chunking import (cast, compute_dtype, decay_matrix, default_scale, from_chunks,
-                        output_dtype, to_chunks)
+from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
+                        from_chunks, output_dtype, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -79,11 +79,11 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
                            output_final_state=output_final_state, chunk_size=chunk_size)
     q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state,
                                                       scale)
-    o, S = _delta_chunked(q * scale, k, v, beta, g, S0, chunk_size)
+    o, S = _delta_chunked(q, k, v, beta, g, S0, chunk_size, scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _delta_chunked(q, k, v, beta, g, S0, chunk):
+def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0):
     """WY/UT chunked form. Inside a chunk write the update as ``S_t = e^{g_t} S_{t-1} + k_t u_tᵀ``
     with ``u_t = β_t (v_t - e^{g_t} S_{t-1}ᵀ k_t)``. Unrolling from the state ``S_prev`` entering
     the chunk (``G_i`` = log decay accumulated from the chunk start through i):
@@ -93,27 +93,36 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
         o = (q ⊙ e^G) S_prev + (q kᵀ ⊙ e^{G_i - G_j})_{j<=i} u
         S_next = e^{G_C} S_prev + (k ⊙ e^{G_C - G})ᵀ u
 
-    Everything but the chunk-to-chunk pass is batched over chunks; that pass is an affine map
+    When every ``|G| <= FACTOR_LIMIT`` the decay rides on the rows (:func:`_delta_factored`);
+    otherwise ``e^{G_i - G_j}`` comes from :func:`decay_matrix`. The unit-triangular solve is
+    :func:`_unit_lower_solve`. Everything but the chunk-to-chunk pass is batched over chunks; that pass is an affine map
     ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a loop over chunks.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
-    n = qc.shape[2]
-    Gd, decay = decay_matrix(gc, q.dtype)            # [B, H, n, C] (float64), [B, H, n, C, C]
-    G = Gd.to(q.dtype)                               # decay: e^{G_i - G_j} for j <= i, 1 above
+    n = bc.shape[2]
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta, g, S0))
+    Gd = gc.to(torch.float64).cumsum(-1)             # [B, H, n, C] log decay from the chunk start
+    G = Gd.to(q.dtype)
+    factors = decay_factors(Gd, q.dtype)
+    if factors is not None:
+        return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track)
 
-    A = ((kc @ kc.mT) * decay * bc[..., None]).tril_(-1)
-    eye_c = torch.eye(chunk, dtype=q.dtype, device=q.device)
-    # right-hand side built transposed: the solver wants column-major columns (no copy then)
-    rhs = torch.cat([(vc * bc[..., None]).mT, (kc * (bc * torch.exp(G))[..., None]).mT], dim=-2)
-    UW = torch.linalg.solve_triangular(eye_c + A, rhs.mT, upper=False, unitriangular=True)
-    U, W = UW.split([V, K], dim=-1)                  # [B, H, n, C, V], [B, H, n, C, K]
+    qc, kc, vc = to_chunks(q, chunk) * scale, to_chunks(k, chunk), to_chunks(v, chunk)
+    Gd, decay = decay_matrix(gc, q.dtype)            # decay: e^{G_i - G_j} for j <= i, 1 above
+    q_in = qc * torch.exp(G)[..., None]
+    kb = kc * (bc * torch.exp(G))[..., None]
+    A = kc @ kc.mT
+    A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
+    P = (qc @ kc.mT).tril_()
+    P = P.mul_(decay) if not track else P * decay
+    rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
+    UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k]
 
-    P = (qc @ kc.mT).tril_() * decay                 # intra-chunk scores, incl. the diagonal
     local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
-    read = qc * torch.exp(G)[..., None] - PW         # o = read @ S_prev + P U
+    read = q_in - PW                                 # o = read @ S_prev + P U
     k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
     inject, kW = (k_out.mT @ UW).split([V, K], dim=-1)                   # [B, H, n, K, V|K]
     transition = -kW                                 # e^{G_C} I - k_outᵀ W: [B, H, n, K, K]
@@ -125,8 +134,97 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk):
         S_prev.append(S)
         S = torch.baddbmm(inject[:, :, c].flatten(0, 1), transition[:, :, c].flatten(0, 1),
                           S.flatten(0, 1)).view(B, H, K, V)
-    o = (read @ torch.stack(S_prev, dim=2)).add_(local)   # [B, H, n, C, V]
+    S_prev = torch.stack(S_prev, dim=2).flatten(0, 2)                     # [B·H·n, K, V]
+    o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
+    o = o.view(B, H, n, chunk, V)
     return from_chunks(o, T), S
+
+
+def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
+    """:func:`_delta_chunked` with the decay on the rows (``e^{G_i - G_j} = e^{G_i} e^{-G_j}``,
+    see :func:`decay_factors`): no ``[C, C]`` decay pass, and the chunk-end decay ``e^{G_C}``
+    (a scalar per chunk) leaves the transition as ``S_next = e^{G_C} (S + k̃ᵀ (U - W S))`` with
+    ``k̃ = k e^{-G}``. Without autograd q, k, β v and β e^G k are written straight from the input
+    layout into their chunked buffers, scaled on the way (no separate transpose copies)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    e_G, e_negG = (f[..., None] for f in factors)                      # [B, H, n, C, 1]
+    n = e_G.shape[2]
+    q_in = to_chunks_scaled(q, chunk, e_G * scale)   # reads the state entering the chunk
+    k_back = to_chunks_scaled(k, chunk, e_negG)      # k_j e^{-G_j}
+    beta = bc[..., None]
+    if track:
+        rhs = torch.cat([to_chunks(v, chunk) * beta, to_chunks(k, chunk) * (beta * e_G)], dim=-1)
+    else:  # [β v | β e^G k] in one buffer
+        rhs = q.new_empty(B, H, n, chunk, V + K)
+        to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
+        to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
+    A = (rhs[..., V:] @ k_back.mT).tril_(-1)         # β_i e^{G_i - G_j} k_i·k_j (j < i)
+    P = (q_in @ k_back.mT).tril_()                   # intra-chunk scores, incl. the diagonal
+    UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
+
+    local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
+    read = q_in - PW                                 # o = read @ S_prev + P U
+    inject, kW = (k_back.mT @ UW).split([V, K], dim=-1)                  # [B, H, n, K, V|K]
+    chunk_decay = torch.exp(G[..., -1]).view(B * H, n, 1, 1)
+
+    S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
+    S_prev = []
+    for c in range(n):                               # S <- e^{G_C} (S + inject_c - kW_c S)
+        S_prev.append(S)
+        S = torch.baddbmm(inject[:, :, c].flatten(0, 1), kW[:, :, c].flatten(0, 1), S,
+                          alpha=-1).add_(S).mul_(chunk_decay[:, c])
+    S_prev = torch.stack(S_prev, dim=1).flatten(0, 1)                     # [B·H·n, K, V]
+    o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
+    return from_chunks(o.view(B, H, n, chunk, V), T), S.view(B, H, K, V)
+
+
+def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
+    """``(I + A)⁻¹ rhs`` for strictly lower-triangular ``A [..., C, C]``, ``rhs [..., C, R]``.
+
+    Blocked forward substitution: the inverse of each ``block × block`` diagonal block is the
+    finite product ``(I - D)(I + D²)(I + D⁴)...`` (``D`` is nilpotent; all diagonal blocks in one
+    batch), then block row i is
+    ``X_i (rhs_i - A_{i,<i} out_{<i})``: a few batched matmuls instead of ``C`` sequential
+    substitution steps (measured about 1.7x faster than ``torch.linalg.solve_triangular`` on
+    ``[.., 64, 64]`` chunks, same accuracy against a float64 solve).
+    """
+    C = A.shape[-1]
+    if C % block or C <= block:
+        eye = torch.eye(C, dtype=A.dtype, device=A.device)
+        return torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    m = C // block
+    # the m diagonal blocks of every matrix, inverted together: [N·m, block, block]
+    D = A.reshape(-1, m, block, m, block).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    D = D.reshape(-1, block, block)
+    X, Pw, s = torch.eye(block, dtype=A.dtype, device=A.device) - D, D @ D, 2
+    while s < block:
+        X = torch.baddbmm(X, X, Pw)                  # X (I + D^s)
+        s *= 2
+        if s < block:
+            Pw = Pw @ Pw
+    X = X.view(*A.shape[:-2], m, block, block)
+    if torch.is_grad_enabled() and (A.requires_grad or rhs.requires_grad):
+        outs = []
+        for i in range(m):
+            rows = slice(i * block, (i + 1) * block)
+            r = rhs[..., rows, :]
+            if i:
+                r = r - A[..., rows, :i * block] @ torch.cat(outs, dim=-2)
+            outs.append(X[..., i, :, :] @ r)
+        return torch.cat(outs, dim=-2)
+    # without autograd: block rows written into one buffer (no cat), the update fused (baddbmm)
+    R = rhs.shape[-1]
+    out = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device)
+    out3, A3, rhs3 = out.view(-1, C, R), A.reshape(-1, C, C), rhs.reshape(-1, C, R)
+    X3 = X.view(-1, m, block, block)
+    for i in range(m):
+        rows = slice(i * block, (i + 1) * block)
+        r = rhs3[:, rows]
+        if i:
+            r = torch.baddbmm(r, A3[:, rows, :i * block], out3[:, :i * block], alpha=-1)
+        out3[:, rows] = X3[:, i] @ r                 # (bmm's out= into a strided slice is slow)
+    return out
 
 
 def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,

@@ -26,9 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_matrix,
+from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_factors,
+                        decay_matrix,
                         default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
-                        to_chunks)
+                        to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -201,26 +202,51 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     on the value side (``e^{G_C - G_j} v_j``) and on the output (``e^{G_i} (q_i S_prev)``), so
     q and k enter only plain matmuls: ``q kᵀ`` once per q/k head and, when heads share q/k, the
     state matmuls run over all ``r = H / Hq`` value heads at once (``[C, K] @ [K, r·V]``).
-    The decays come from :func:`decay_matrix` (cumulative sums in float64, so that
-    their differences ``G_i - G_j`` carry no cancellation error however strong the decay).
+    With one value head per q/k head and every ``|G| <= FACTOR_LIMIT`` (the usual case) the decay
+    rides on the rows, ``(q_i e^{G_i})·(k_j e^{-G_j})`` (:func:`decay_factors`: no ``[C, C]``
+    pass at all); otherwise the decays come from :func:`decay_matrix` (cumulative sums in
+    float64, so that their differences ``G_i - G_j`` carry no cancellation error however strong
+    the decay).
     Large temporaries are updated in place where autograd allows it: on a CPU every fresh
     allocation of a few MB costs page faults comparable to the arithmetic on it.
     """
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
     r, C = H // Hq, chunk
-    qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
     vc = to_chunks(v.reshape(B, T, Hq, r * V), C)                    # [B, Hq, n, C, r·V]
-    n = qc.shape[2]
-    scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
+    n = vc.shape[2]
+    gc = None if g is None else to_chunks(g.reshape(B, T, Hq, r), C).mT   # [B, Hq, n, r, C]
+    factors = None
+    if gc is not None and r == 1:  # the decay on the rows of q and k: no [C, C] decay pass
+        G = gc.to(torch.float64).cumsum(-1)
+        factors = decay_factors(G, q.dtype)
 
+    if factors is not None:
+        e_G, e_negG = (f.mT for f in factors)                        # [B, Hq, n, C, 1]
+        q_in = to_chunks_scaled(q, C, e_G * scale)                   # scale folded in: no pass on o
+        k_back = to_chunks_scaled(k, C, e_negG)                      # k_j e^{-G_j}
+        scores = (q_in @ k_back.mT).tril_()                          # (q_i·k_j) e^{G_i - G_j}
+        # the writes decayed to the chunk end, e^{G_C} Σ_j k_j e^{-G_j} v_jᵀ: the factor e^{G_C}
+        # is applied in the state pass, S_c = e^{G_C} (S_{c-1} + Σ_j ...)
+        writes = k_back.mT @ vc                                      # [B, Hq, n, K, V]
+        chunk_decay = torch.exp(G[..., -1].to(q.dtype))              # [B, Hq, n, 1]
+        S_prev, S = _pass_states(chunk_decay.view(B * Hq, n, 1, 1, 1),
+                                 writes.view(B * Hq, n, K, 1, V), _group_state(S0, Hq),
+                                 decay_after=True)
+        # intra + inter in one call: scores v + (q e^G) S_prev, the add fused into the matmul
+        o = (scores @ vc).flatten(0, 2)                              # in place: no copy
+        o = o.baddbmm_(q_in.flatten(0, 2), S_prev.view(B * Hq * n, K, V)).view(B, Hq, n, C, V)
+        o = from_chunks(o, T).reshape(B, T, H, V)
+        return o, _ungroup_state(S, B)
+
+    qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
+    scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
     if g is None:  # no decay: one causal score matrix for all r value heads
         o = scores @ vc                                              # [B, Hq, n, C, r·V]
         writes = kc.mT @ vc                                          # [B, Hq, n, K, r·V]
         S_prev, S = _pass_states(None, writes.view(B * Hq, n, K, r, V), _group_state(S0, Hq))
         o = o.add_(qc @ S_prev.view(B, Hq, n, K, r * V)).mul_(scale)
     else:
-        gc = to_chunks(g.reshape(B, T, Hq, r), C).mT                 # [B, Hq, n, r, C]
         G, decay = decay_matrix(gc, q.dtype)              # float64 [.., C], [B, Hq, n, r, C, C]
         v_heads = vc.view(B, Hq, n, C, r, V).transpose(3, 4)        # [B, Hq, n, r, C, V]
         # one decay matrix per value head: scores ⊙ decay, in place when there is one
@@ -253,8 +279,10 @@ def _ungroup_state(S: Tensor, batch: int) -> Tensor:
     return S.view(batch, N // batch, K, r, V).transpose(2, 3).reshape(batch, -1, K, V)
 
 
-def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
-    """The chunk-to-chunk recurrence ``S_c = decay_c ⊙ S_{c-1} + writes_c`` over dim 1.
+def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None,
+                 decay_after: bool = False):
+    """The chunk-to-chunk recurrence ``S_c = decay_c ⊙ S_{c-1} + writes_c`` over dim 1 (with
+    ``decay_after``: ``S_c = decay_c ⊙ (S_{c-1} + writes_c)``, writes not yet decayed).
 
     ``writes [N, n, *S]``, ``decay`` broadcastable to it (None: no decay), ``S0 [N, *S]`` or None.
     Returns the states entering each chunk ``[N, n, *S]`` and the final state ``[N, *S]``.
@@ -265,15 +293,23 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None):
     """
     n = writes.shape[1]
     S = torch.zeros_like(writes[:, 0]) if S0 is None else S0
+
+    def step(S, c):
+        if decay is None:
+            return writes[:, c] + S
+        if decay_after:
+            return (writes[:, c] + S).mul_(decay[:, c])
+        return torch.addcmul(writes[:, c], decay[:, c], S)
+
     if torch.is_grad_enabled() and (writes.requires_grad or S.requires_grad
                                     or (decay is not None and decay.requires_grad)):
         entering = []
         for c in range(n):
             entering.append(S)
-            S = writes[:, c] + (S if decay is None else decay[:, c] * S)
+            S = step(S, c)
         return torch.stack(entering, dim=1), S
     for c in range(n):  # no autograd: the entering states overwrite the writes in place
-        after = writes[:, c] + (S if decay is None else decay[:, c] * S)
+        after = step(S, c)
         writes[:, c] = S
         S = after
     return writes, S
