@@ -254,3 +254,11 @@ def test_fp16_triton_path_is_as_accurate_as_the_torch_path(name):
     assert triton16.dtype == torch.float16 and torch.isfinite(triton16).all()
     err_triton, err_torch = errors(triton16, ref32)[0], errors(torch16, ref32)[0]
     assert err_triton <= 1.5 * err_torch + tolerance(torch.float16).rel_rms, (err_triton, err_torch)
+
+
+def test_seqdsl_kernels_refuses_to_build_interpreted_kernels(capsys):
+    """Under TRITON_INTERPRET=1 the kernels are interpreter functions: no GPU build, exit 2."""
+    from seqdsl.cli import main
+
+    assert main(["kernels", "hgrn", "--target", "sm90"]) == 2
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
