@@ -90,9 +90,6 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return all(t is None or t.is_cuda for t in tensors)
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
 
 # ---- fused prologues on the torch path -------------------------------------------------------
 

@@ -169,8 +169,8 @@ mixer mamba2(expand = {hp['expand']}, n = {hp['n']}, hd = {hp['hd']}, conv = {hp
 
 def jamba(hp: dict) -> str:
     eps = lit(hp["eps"])
-    moe_line = (f"x = x + (moe(h, n_experts = n_experts, top_k = top_k, hidden = hidden, "
-                f"renormalize = false) if moe\n           else swiglu(h, hidden = hidden))"
+    moe_line = ("x = x + (moe(h, n_experts = n_experts, top_k = top_k, hidden = hidden, "
+                "renormalize = false) if moe\n           else swiglu(h, hidden = hidden))"
                 if hp["n_experts"] > 1 else "x = x + swiglu(h, hidden = hidden)")
     experts = (f",\n            n_experts = {hp['n_experts']}, top_k = {hp['top_k']}"
                if hp["n_experts"] > 1 else "")
