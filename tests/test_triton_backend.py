@@ -262,3 +262,15 @@ def test_seqdsl_kernels_refuses_to_build_interpreted_kernels(capsys):
 
     assert main(["kernels", "hgrn", "--target", "sm90"]) == 2
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["hgrn", "mamba"])
+def test_generated_kernels_snapshot(name):
+    """The generated kernels.py of small specs, kept as reviewed text (tests/snapshots): a change
+    of the generator shows up here as a readable diff."""
+    from conftest import assert_snapshot
+
+    path = ROOT / "specs" / f"{name}.seq"
+    files = generate(seqdsl.load(path, **tiny_overrides(path)), "triton")
+    assert_snapshot(f"{name}_tiny_kernels.py.txt", files["kernels.py"])
+    assert_snapshot(f"{name}_tiny_triton_model.py.txt", files["model.py"])
