@@ -58,6 +58,30 @@ def tiny_overrides(path) -> dict:
     return out
 
 
+def prefix_then_steps(model, ids, prefix: int):
+    """Logits of a forward over ids[:, :prefix] followed by one step() per remaining token."""
+    logits, state = model(ids[:, :prefix])
+    outs = [logits]
+    for t in range(prefix, ids.shape[1]):
+        step_logits, state = model.step(ids[:, t], state)
+        outs.append(step_logits[:, None])
+    import torch
+    return torch.cat(outs, 1)
+
+
+def assert_greedy_matches(ours, hf, ids, prompt: int = 5, new_tokens: int = 20) -> None:
+    """Greedy decoding through our step(): every generated token must be the transformers
+    model's argmax given the tokens before it (one full forward of theirs checks them all;
+    transformers' own generate() is not the oracle: its Jamba cache path on CPU disagrees with
+    its full forward)."""
+    import torch
+    with torch.no_grad():
+        mine = ours.generate(ids[:, :prompt], max_new_tokens=new_tokens, temperature=0)
+        theirs = hf(mine).logits.argmax(-1)
+    assert mine.shape == (ids.shape[0], prompt + new_tokens)
+    assert torch.equal(mine[:, prompt:], theirs[:, prompt - 1:-1])
+
+
 def assert_snapshot(name: str, text: str) -> None:
     """Compare with tests/snapshots/NAME; SEQDSL_UPDATE_SNAPSHOTS=1 rewrites the file."""
     path = SNAPSHOTS / name

@@ -20,7 +20,7 @@ import seqdsl  # noqa: E402
 from seqdsl.interop import load_hf  # noqa: E402
 from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
-from conftest import SPECS  # noqa: E402
+from conftest import SPECS, assert_greedy_matches  # noqa: E402
 
 
 def _compare(ours, hf, vocab, T=37):
@@ -32,15 +32,7 @@ def _compare(ours, hf, vocab, T=37):
         reference, _ = ours(ids, reference=True)
     assert_close(got, expected, torch.float32, "chunked path vs transformers")
     assert_close(reference, expected, torch.float32, "reference path vs transformers")
-    # greedy decoding through step(): every token must be the transformers model's argmax given
-    # the tokens before it (checked with one full forward of theirs; transformers' own generate()
-    # is not used as the oracle: its Jamba cache path on CPU disagrees with its full forward)
-    prompt = ids[:, :5]
-    with torch.no_grad():
-        mine = ours.generate(prompt, max_new_tokens=20, temperature=0)
-        theirs = hf(mine).logits.argmax(-1)
-    assert mine.shape == (2, 25)
-    assert torch.equal(mine[:, 5:], theirs[:, 4:-1])
+    assert_greedy_matches(ours, hf, ids)
 
 
 def test_mamba_matches_transformers():

@@ -24,6 +24,8 @@ from seqdsl.interop import export_hf, import_config, load_hf  # noqa: E402
 from seqdsl.interop.patterns import resolve_kinds  # noqa: E402
 from seqdsl.ops.tolerances import assert_close, errors  # noqa: E402
 
+from conftest import assert_greedy_matches  # noqa: E402
+
 VOCAB = 64
 
 
@@ -142,14 +144,7 @@ def test_family_matches_transformers(name, tmp_path, capsys):
     assert_close(got, expected, torch.float32, f"{name}: chunked path vs transformers")
     assert_close(reference, expected, torch.float32, f"{name}: reference path vs transformers")
     print(f"{name}: rel RMS error {errors(got, expected)[0]:.2e}")
-    # greedy decoding through step(): every token must be transformers' argmax given the tokens
-    # before it (one full forward of theirs checks all 20)
-    prompt = ids[:, :5]
-    with torch.no_grad():
-        mine = ours.generate(prompt, max_new_tokens=20, temperature=0)
-        theirs = hf(mine).logits.argmax(-1)
-    assert mine.shape == (2, 25)
-    assert torch.equal(mine[:, 5:], theirs[:, 4:-1])
+    assert_greedy_matches(ours, hf, ids)
 
     exported = export_hf(ours, hf.config)
     original = hf.state_dict()

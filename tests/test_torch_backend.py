@@ -16,7 +16,7 @@ import seqdsl  # noqa: E402
 from seqdsl.analysis import model_info  # noqa: E402
 from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
-from conftest import MODEL_SPECS, tiny_overrides  # noqa: E402
+from conftest import MODEL_SPECS, prefix_then_steps, tiny_overrides  # noqa: E402
 
 @pytest.fixture(scope="module", params=MODEL_SPECS, ids=[p.stem for p in MODEL_SPECS])
 def compiled(request):
@@ -55,12 +55,8 @@ def test_prefix_then_steps_equals_full_forward(compiled):
     _, _, model, _ = compiled
     ids = _ids(model, T=11)
     full, _ = model(ids)
-    logits, state = model(ids[:, :6])
-    outs = [logits]
-    for t in range(6, ids.shape[1]):
-        step_logits, state = model.step(ids[:, t], state)
-        outs.append(step_logits[:, None])
-    assert_close(torch.cat(outs, 1), full, torch.float32, "prefix + step vs full forward")
+    assert_close(prefix_then_steps(model, ids, 6), full, torch.float32,
+                 "prefix + step vs full forward")
 
 
 def test_packed_sequences_equal_a_loop(compiled):

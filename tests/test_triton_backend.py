@@ -26,7 +26,7 @@ import seqdsl  # noqa: E402
 from seqdsl.compiler import generate  # noqa: E402
 from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
-from conftest import MODEL_SPECS, ROOT, tiny_overrides  # noqa: E402
+from conftest import MODEL_SPECS, ROOT, prefix_then_steps, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the kernels run on CPU under TRITON_INTERPRET=1")
@@ -151,14 +151,10 @@ def test_prefix_then_steps_equals_full_forward(compiled):
     try:
         with torch.no_grad():
             full, _ = model(ids)
-            logits, state = model(ids[:, :6])
-            outs = [logits]
-            for t in range(6, ids.shape[1]):
-                step_logits, state = model.step(ids[:, t], state)
-                outs.append(step_logits[:, None])
+            stepped = prefix_then_steps(model, ids, 6)
     finally:
         model.backend = "auto"
-    assert_close(torch.cat(outs, 1), full, torch.float32, "prefix + step vs full forward")
+    assert_close(stepped, full, torch.float32, "prefix + step vs full forward")
 
 
 def test_auto_backend_runs_torch_on_cpu_tensors(compiled):

@@ -69,15 +69,22 @@ class _Reader:
             self.fail(f"'{name}' = {value!r} is not supported for {self.family.architecture} "
                       f"(supported: {', '.join(repr(a) for a in allowed)})")
 
-    def rope(self) -> tuple[float, float]:
-        """(rope_theta, partial_rotary_factor), top-level (transformers 4) or in rope_parameters."""
+    def rope(self, head_dim: int, default_partial: float) -> tuple[float, int]:
+        """(rope_theta, rotary dims of a head), from the top level (transformers 4) or
+        rope_parameters; the rotary dims are head_dim · partial_rotary_factor (the family's
+        default when the config has none), and must be even."""
         params = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
             self.fail(f"rope type {rope_type!r} is not supported (only the default rotary)")
         theta = self.cfg.get("rope_theta", params.get("rope_theta", 10000.0))
         partial = self.cfg.get("partial_rotary_factor", params.get("partial_rotary_factor"))
-        return float(theta), partial
+        partial = default_partial if partial is None else partial
+        rope_dims = int(head_dim * partial)
+        if rope_dims % 2:
+            self.fail(f"'partial_rotary_factor' = {partial} gives {rope_dims} rotary dims; "
+                      "need an even number")
+        return float(theta), rope_dims
 
     def base(self) -> dict:
         return {"vocab": self.get("vocab_size"), "d": self.get("hidden_size"),
@@ -149,13 +156,9 @@ def _read_jamba(r: _Reader) -> dict:
 def _read_recurrent_gemma(r: _Reader) -> dict:
     hp = r.base()
     r.require("hidden_activation", "gelu_pytorch_tanh", "gelu_pytorch_tanh")
-    theta, partial = r.rope()
     heads = r.get("num_attention_heads")
     hd = r.get("head_dim", hp["d"] // heads)
-    partial = 0.5 if partial is None else partial
-    rope_dims = int(hd * partial)
-    if rope_dims % 2:
-        r.fail(f"'partial_rotary_factor' = {partial} gives {rope_dims} rotary dims; need an even number")
+    theta, rope_dims = r.rope(hd, 0.5)
     inter = r.get("intermediate_size")
     if inter % 2:
         r.fail(f"'intermediate_size' = {inter} must be even (the MLP is intermediate_size // 2 wide)")
@@ -172,13 +175,9 @@ def _read_qwen3_next(r: _Reader) -> dict:
     hp = r.base()
     r.require("hidden_act", "silu", "silu")
     r.require("attention_bias", False, False)
-    theta, partial = r.rope()
     heads = r.get("num_attention_heads")
     hd = r.get("head_dim", hp["d"] // heads)
-    partial = 0.25 if partial is None else partial
-    rope_dims = int(hd * partial)
-    if rope_dims % 2:
-        r.fail(f"'partial_rotary_factor' = {partial} gives {rope_dims} rotary dims; need an even number")
+    theta, rope_dims = r.rope(hd, 0.25)
     key_heads, value_heads = r.get("linear_num_key_heads"), r.get("linear_num_value_heads")
     if value_heads % key_heads:
         r.fail(f"'linear_num_value_heads' = {value_heads} must be a multiple of "
