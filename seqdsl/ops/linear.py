@@ -26,7 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (cast, checkpointed, compute_dtype, cumsum_to_end, decay_factors,
+from ._chunking import (FACTOR_LIMIT, cast, checkpointed, compute_dtype, cumsum_to_end,
+                        decay_factors,
                         decay_matrix,
                         default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
                         to_chunks, to_chunks_scaled)
@@ -321,24 +322,39 @@ def _chunked_per_key(q, k, v, g, S0, chunk):
     Within a chunk, with ``G_i`` the log decay accumulated from the chunk start through step i:
       o_i = Σ_{j<=i} (q_i ⊙ e^{G_i - G_j})·k_j v_j  +  (q_i ⊙ e^{G_i}) S_prev  (intra + inter)
       S   = e^{G_C} ⊙ S_prev + Σ_j (k_j ⊙ e^{G_C - G_j}) v_jᵀ               (state passing)
-    Every exponent above is <= 0 for a contracting decay; the intra-chunk scores come from
-    :func:`_intra_scores_per_key`, the chunk-to-chunk recurrence from :func:`_pass_states`.
+    When every ``|G|`` is within :data:`FACTOR_LIMIT` (the usual case: gates near 1) the decay
+    rides on the rows, ``(q_i ⊙ e^{G_i})·(k_j ⊙ e^{-G_j})``, and the whole chunk is three matmuls
+    as for a scalar decay. ``G`` sums at most one chunk of log decays in the compute dtype, so
+    ``e^{G_i}·e^{-G_j}`` is off by a few ulps of ``|G| <= FACTOR_LIMIT`` in the exponent:
+    ~1e-6 relative in fp32 at the limit, ~1e-7 for usual gates. Otherwise every exponent is kept <= 0: the
+    intra-chunk scores come from :func:`_intra_scores_per_key`. The chunk-to-chunk recurrence
+    is :func:`_pass_states`.
     """
     B, T, H, K = q.shape
-    qc, kc, vc = to_chunks(q, chunk), to_chunks(k, chunk), to_chunks(v, chunk)  # [B,H,n,C,K|V]
+    vc = to_chunks(v, chunk)                                                    # [B, H, n, C, V]
     gc = to_chunks(g, chunk)                                                    # [B, H, n, C, K]
-    n = qc.shape[2]
-    o = _intra_scores_per_key(qc, kc, gc) @ vc                      # [B, H, n, C, V]
-
+    n = vc.shape[2]
     G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
-    q_in = qc * torch.exp(G)                              # reads the state entering the chunk
-    k_out = kc * torch.exp(cumsum_to_end(gc, 3))          # decays each write to the chunk end
-    writes = k_out.mT @ vc                                # [B, H, n, K, V] writes of each chunk
-    chunk_decay = torch.exp(G[..., -1, :])[..., None]     # [B, H, n, K, 1]
+    low, high = torch.aminmax(G)
+    if max(-float(low), float(high)) <= FACTOR_LIMIT:  # usual: the decay rides on q and k rows
+        e_G = torch.exp(G)
+        e_negG = torch.exp(-G)
+        q_in = to_chunks_scaled(q, chunk, e_G)            # q_i e^{G_i}: reads S_prev too
+        k_back = to_chunks_scaled(k, chunk, e_negG)       # k_j e^{-G_j}
+        o = (q_in @ k_back.mT).tril_() @ vc               # Σ_{j<=i} (q_i e^{G_i - G_j})·k_j v_j
+        chunk_decay = e_G[..., -1, :, None]               # [B, H, n, K, 1]
+        writes = (k_back * chunk_decay.mT).mT @ vc        # k_j e^{G_C - G_j}: to the chunk end
+    else:
+        qc, kc = to_chunks(q, chunk), to_chunks(k, chunk)                       # [B,H,n,C,K]
+        o = _intra_scores_per_key(qc, kc, gc) @ vc                              # [B,H,n,C,V]
+        q_in = qc * torch.exp(G)                          # reads the state entering the chunk
+        k_out = kc * torch.exp(cumsum_to_end(gc, 3))      # decays each write to the chunk end
+        writes = k_out.mT @ vc                            # [B, H, n, K, V] writes of each chunk
+        chunk_decay = torch.exp(G[..., -1, :])[..., None]  # [B, H, n, K, 1]
     S_prev, S = _pass_states(chunk_decay.flatten(0, 1), writes.flatten(0, 1),
                              None if S0 is None else S0.flatten(0, 1))
-    o = o + q_in @ S_prev.view(B, H, n, K, -1)
-    return from_chunks(o, T), S.view(B, H, K, -1)
+    o = torch.baddbmm(o.flatten(0, 2), q_in.flatten(0, 2), S_prev.view(B * H * n, K, -1))
+    return from_chunks(o.view(B, H, n, chunk, -1), T), S.view(B, H, K, -1)
 
 
 def _intra_scores_per_key(q, k, g):
