@@ -64,12 +64,11 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     K = q.shape[-1]
     real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
-    # cumulative angle in float64, reduced mod 2π: fp32 cumsums of angles lose absolute precision
-    angle = torch.remainder(phase.double().cumsum(1), 2 * math.pi)          # Φ_t [B, T, H, K]
-    rot = torch.polar(torch.ones_like(angle), angle).to(cplx)              # e^{iΦ_t}
-    Q, Kc = q.to(cplx) * rot, k.to(cplx) * rot.conj()
-    q2 = torch.cat([Q.real, -Q.imag], dim=-1)                              # [B, T, H, 2K]
-    k2 = torch.cat([Kc.real, Kc.imag], dim=-1)                             # [B, T, H, 2K]
+    # cumulative angle in float64, reduced mod 2π: fp32 cumsums of angles lose absolute precision;
+    # once reduced, cos and sin in the working dtype (|Φ| < 2π: an absolute error of ~1 ulp of 2π)
+    angle = torch.remainder(phase.double().cumsum(1), 2 * math.pi).to(real)  # Φ_t [B, T, H, K]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    q2, k2 = _rotate(q, cos, sin, real, 1.0), _rotate(k, cos, sin, real, -1.0)  # [B, T, H, 2K]
     g2 = torch.cat([log_magnitude, log_magnitude], dim=-1).to(real)        # [B, T, H, 2K]
     S0 = None
     if initial_state is not None:
@@ -81,8 +80,28 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
                 output_final_state=output_final_state)
     if S is not None:
         # S_T = e^{iΦ_T} (S'_re + i S'_im): [B, H, 2K, V] -> [B, H, K, V] complex
-        S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[:, -1, :, :, None]
+        rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                  # e^{iΦ_T}
+        S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
     return o.to(_real_dtype(q, k, v)), S
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:
+    """``x e^{i·sign·Φ}`` as the real halves ``[Re, -sign·Im]`` on the last dim (``[.., 2K]``):
+    ``[Re Q, -Im Q]`` for q (sign +1), ``[Re K, Im K]`` for k (sign -1, the conjugate rotation),
+    in real arithmetic. For a real x both are ``[x cos Φ, -x sin Φ]``."""
+    if x.is_complex():
+        xr, xi = x.real.to(dtype), x.imag.to(dtype)
+        re = xr * cos - sign * xi * sin
+        im = sign * xr * sin + xi * cos
+        return torch.cat([re, -sign * im], dim=-1)
+    x = x.to(dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, cos, sin)):
+        return torch.cat([x * cos, -x * sin], dim=-1)
+    out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
+    K = x.shape[-1]
+    torch.mul(x, cos, out=out[..., :K])
+    torch.mul(x, sin, out=out[..., K:]).neg_()
+    return out
 
 
 def _real_dtype(*tensors: Tensor) -> torch.dtype:
