@@ -10,6 +10,7 @@ Sizes stay tiny (B <= 2, T <= 100, H <= 4, K, V <= 16) so the file runs in secon
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -628,6 +629,39 @@ def test_factored_decay_equals_the_materialised_decay(fn):
     grads2 = torch.autograd.grad((o2 * w).sum() + S2.sum(), (A, dt, S0))
     for a, b, name in zip(grads1, grads2, ("A", "dt", "initial state")):
         assert_close(a, b, torch.float32, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("factored", [False, True], ids=["materialised", "factored"])
+def test_state_decay_over_many_windows(monkeypatch, factored):
+    """[K, V] decays scan window by window (each a two-level blocked scan from the state entering
+    it): with windows of one chunk, T = 150 crosses eight windows, the last one partial.
+    Output, final state and gradients (initial state included) against the float64 loop."""
+    monkeypatch.setattr(importlib.import_module("seqdsl.ops.linear"), "WINDOW_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(9)
+    B, T, H, K, V = 2, 150, 2, 4, 6
+    q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    S0 = torch.randn(B, H, K, V, generator=g).requires_grad_()
+    if factored:
+        A = -torch.rand(H, K, V, generator=g)
+        dt = torch.rand(B, T, H, V, generator=g).requires_grad_()
+        decay = dict(decay_A=A, decay_dt=dt)
+        gold_decay = dict(log_decay=(A.double() * dt.double()[:, :, :, None, :]))
+        leaf = dt
+    else:
+        leaf = (-torch.rand(B, T, H, K, V, generator=g)).requires_grad_()
+        decay, gold_decay = dict(log_decay=leaf), dict(log_decay=leaf.double())
+    o, S = ops.linear(q, k, v, **decay, initial_state=S0, output_final_state=True,
+                      chunk_size=16)
+    o_gold, S_gold = ops.linear_ref(q.double(), k.double(), v.double(), **gold_decay,
+                                    initial_state=S0.double(), output_final_state=True)
+    assert_close(o, o_gold, FP32, "windowed [K, V] decay output")
+    assert_close(S, S_gold, FP32, "windowed [K, V] decay final state")
+    w = torch.randn(o.shape, generator=g)
+    grads = torch.autograd.grad((o * w).sum() + S.square().sum(), (leaf, S0))
+    gold = torch.autograd.grad((o_gold * w.double()).sum() + S_gold.square().sum(), (leaf, S0))
+    for a, b, name in zip(grads, gold, ("decay", "initial state")):
+        assert_close(a, b, FP32, f"windowed [K, V] decay: gradient of {name}")
 
 
 def test_factored_decay_with_cu_seqlens():

@@ -155,25 +155,39 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
     beta = bc[..., None]
     if track:
         rhs = torch.cat([to_chunks(v, chunk) * beta, to_chunks(k, chunk) * (beta * e_G)], dim=-1)
-    else:  # [β v | β e^G k] in one buffer
+        A = (rhs[..., V:] @ k_back.mT).tril_(-1)     # β_i e^{G_i - G_j} k_i·k_j (j < i)
+        P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
+    else:
+        # [β v | β e^G k] in one buffer; q e^G and β e^G k stacked so that one matmul with the
+        # keys gives both the scores P and the triangular system A
         rhs = q.new_empty(B, H, n, chunk, V + K)
         to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
         to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
-    A = (rhs[..., V:] @ k_back.mT).tril_(-1)         # β_i e^{G_i - G_j} k_i·k_j (j < i)
-    P = (q_in @ k_back.mT).tril_()                   # intra-chunk scores, incl. the diagonal
+        rows = torch.cat([q_in, rhs[..., V:]], dim=-2)                    # [B, H, n, 2C, K]
+        PA = rows @ k_back.mT                                             # [B, H, n, 2C, C]
+        P, A = PA[..., :chunk, :].tril_(), PA[..., chunk:, :].tril_(-1)
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
 
     local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
     read = q_in - PW                                 # o = read @ S_prev + P U
-    inject, kW = (k_back.mT @ UW).split([V, K], dim=-1)                  # [B, H, n, K, V|K]
-    chunk_decay = torch.exp(G[..., -1]).view(B * H, n, 1, 1)
+    # S_next = e^{G_C} (S + k̃ᵀ U - k̃ᵀ W S) = M S + N with N = e^{G_C} k̃ᵀ U and
+    # M = e^{G_C} (I - k̃ᵀ W): one fused multiply-add per chunk in the sequential pass
+    chunk_decay = torch.exp(G[..., -1])[..., None, None]                 # [B, H, n, 1, 1]
+    NM = k_back.mT @ UW                                                   # [B, H, n, K, V|K]
+    NM = NM.mul_(chunk_decay) if not track else NM * chunk_decay
+    N, kW = NM.split([V, K], dim=-1)
+    if track:
+        M = torch.diag_embed(chunk_decay[..., 0].expand(B, H, n, K)) - kW
+    else:
+        M = kW.neg_()
+        M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., 0])
+    N, M = N.flatten(0, 1), M.flatten(0, 1)                               # [B·H, n, K, V|K]
 
     S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     S_prev = []
-    for c in range(n):                               # S <- e^{G_C} (S + inject_c - kW_c S)
+    for c in range(n):                               # S <- M_c S + N_c
         S_prev.append(S)
-        S = torch.baddbmm(inject[:, :, c].flatten(0, 1), kW[:, :, c].flatten(0, 1), S,
-                          alpha=-1).add_(S).mul_(chunk_decay[:, c])
+        S = torch.baddbmm(N[:, c], M[:, c], S)
     S_prev = torch.stack(S_prev, dim=1).flatten(0, 1)                     # [B·H·n, K, V]
     o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
     return from_chunks(o.view(B, H, n, chunk, V), T), S.view(B, H, K, V)

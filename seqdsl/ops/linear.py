@@ -14,8 +14,8 @@ may also have fewer heads ``Hq`` dividing H (shared by groups of value heads, se
 
 Strategies: the chunked matmul form for the first three (intra-chunk masked ``(q kᵀ ⊙ decay) v``
 plus inter-chunk state passing; for no or a scalar decay the Mamba-2 SSD algorithm, all chunks at
-once), and a chunk loop with a step loop inside each chunk for ``[K, V]`` decays (never more than
-one chunk of ``[B, C, H, K, V]`` alive). Complex per-key decays
+once), and for ``[K, V]`` decays a two-level elementwise scan over windows of whole chunks (never
+more than one window of ``[B, W, H, K, V]`` alive). Complex per-key decays
 are lowered onto the real form by :func:`linear_complex`.
 """
 
@@ -32,6 +32,7 @@ from ._chunking import (FACTOR_LIMIT, cast, checkpointed, compute_dtype, cumsum_
                         default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
                         to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
+from .scan import blocked_scan
 
 Tensor = torch.Tensor
 
@@ -405,62 +406,61 @@ def _intra_scores_per_key(q, k, g):
 
 
 def _chunk_loop_state_decay(q, k, v, g, S0, chunk):
-    """[K, V] decays: loop over chunks keeping only the state, and over the steps of a chunk.
+    """[K, V] decays: the elementwise scan ``S_t = e^{g_t} ⊙ S_{t-1} + k_t v_tᵀ`` over windows.
 
     ``g`` is a ``[B, T, H, K|1, V|1]`` log decay or the factors ``(A [H, K, V], dt [B, T, H, V])``.
-    With autograd each chunk is recomputed in the backward pass, so no ``[B, T, H, K, V]`` tensor
-    is ever stored; with factors none is ever built. A step is a handful of ``[B, H, K, V]``
-    elementwise ops: on a CPU that beats a doubling scan over the chunk (log(chunk) times the
-    work) once a state has a few thousand entries, the size of every real [K, V]-decay model.
+    Time is cut into windows of whole chunks holding at most :data:`WINDOW_ELEMENTS` state
+    entries (``[B, W, H, K, V]``); each window is one two-level :func:`blocked_scan` from the
+    state entering it, and its outputs ``S_tᵀ q_t`` one batched product. So memory is
+    O(window · K · V) per head, never O(T · K · V), and the work is a few passes over the window
+    in a few dozen ops (a step loop costs one op per step, on a state of a few thousand
+    entries: dominated by per-op overhead on a CPU). With autograd each window is recomputed in
+    the backward pass, so no ``[B, T, H, K, V]`` tensor is ever stored either.
     """
     B, T, H, K = q.shape
-    S = q.new_zeros(B, H, K, v.shape[-1]) if S0 is None else S0
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    window = chunk * max(1, WINDOW_ELEMENTS // (chunk * B * H * K * V))
     outs = []
-    for t0 in range(0, T, chunk):
-        part = slice(t0, t0 + chunk)
+    for t0 in range(0, T, window):
+        part = slice(t0, t0 + window)
         if isinstance(g, tuple):
             A, dt = g
-            o, S = checkpointed(_factored_decay_chunk, q[:, part], k[:, part], v[:, part], A,
+            o, S = checkpointed(_factored_decay_window, q[:, part], k[:, part], v[:, part], A,
                                 dt[:, part], S)
         else:
-            o, S = checkpointed(_state_decay_chunk, q[:, part], k[:, part], v[:, part],
+            o, S = checkpointed(_state_decay_window, q[:, part], k[:, part], v[:, part],
                                 g[:, part], S)
         outs.append(o)
     return torch.cat(outs, dim=1), S
 
 
-def _state_decay_chunk(q, k, v, g, S):
-    """One chunk: q, k [B, c, H, K], v [B, c, H, V], g [B, c, H, K|1, V|1], S [B, H, K, V]
-    -> (o [B, c, H, V], S at the chunk end)."""
-    return _steps(q, k, v, torch.exp(g), S)
+#: state entries ``[B, W, H, K, V]`` of one window of the ``[K, V]``-decay scan (4 MB in fp32:
+#: a window and its decays stay in a CPU's L3 cache)
+WINDOW_ELEMENTS = 1 << 20
 
 
-def _factored_decay_chunk(q, k, v, A, dt, S):
-    """One chunk with the decay exp(A * dt_t): A [H, K, V], dt [B, c, H, V]."""
-    return _steps(q, k, v, (A * dt[:, :, :, None, :]).exp_(), S)  # [B, c, H, K, V]: one chunk
+def _state_decay_window(q, k, v, g, S):
+    """One window: q, k [B, W, H, K], v [B, W, H, V], g [B, W, H, K|1, V|1], S [B, H, K, V]
+    -> (o [B, W, H, V], S at the window end)."""
+    k, v = k.contiguous(), v.contiguous()
+    writes = k[..., :, None] * v[..., None, :]                      # [B, W, H, K, V]
+    return _window_scan(q, torch.exp(g).expand_as(writes).contiguous(), writes, S)
 
 
-def _steps(q, k, v, decay, S):
-    """S_t = decay_t ⊙ S_{t-1} + k_t v_tᵀ, o_t = S_tᵀ q_t through one chunk of c steps.
+def _factored_decay_window(q, k, v, A, dt, S):
+    """One window with the decay exp(A * dt_t): A [H, K, V], dt [B, W, H, V]."""
+    # operands contiguous first: broadcasting products over strided views (a transposed
+    # activation) run several times slower than the copies cost
+    k, v, dt = k.contiguous(), v.contiguous(), dt.contiguous()
+    writes = k[..., :, None] * v[..., None, :]                      # [B, W, H, K, V]
+    return _window_scan(q, (A * dt[:, :, :, None, :]).exp_(), writes, S)
 
-    q, k ``[B, c, H, K]``, v ``[B, c, H, V]``, decay ``[B, c, H, K|1, V|1]``, S ``[B, H, K, V]``.
-    Only the recurrence itself is sequential: one fused multiply-add per step on a
-    ``[B, H, K, V]`` state (a few tens of KB: it stays in cache). The writes ``k_t v_tᵀ`` are
-    formed for the whole chunk before the loop, and the outputs read from the chunk's states in
-    one batched product after it. Without autograd the states overwrite the writes in place.
-    """
-    writes = k[..., :, None] * v[..., None, :]                      # [B, c, H, K, V]
-    track = torch.is_grad_enabled() and any(x.requires_grad for x in (writes, decay, S))
-    states = [] if track else writes
-    for t in range(q.shape[1]):
-        if track:
-            S = torch.addcmul(writes[:, t], decay[:, t], S)
-            states.append(S)
-        else:
-            S = torch.addcmul(writes[:, t], decay[:, t], S, out=writes[:, t])
-    if track:
-        states = torch.stack(states, dim=1)                        # [B, c, H, K, V]
-    else:
-        S = S.clone()                                              # not a view of the buffer
-    o = (q[..., None, :] @ states)[..., 0, :]                      # S_tᵀ q_t: [B, c, H, V]
-    return o, S
+
+def _window_scan(q, decay, writes, S):
+    """States ``S_t = decay_t ⊙ S_{t-1} + writes_t`` of one window by :func:`blocked_scan`
+    (decay and writes ``[B, W, H, K, V]``, both overwritten without autograd), then
+    ``o_t = S_tᵀ q_t`` in one batched product."""
+    states = blocked_scan(decay, writes, S, scratch=True)          # [B, W, H, K, V]
+    o = (q[..., None, :] @ states)[..., 0, :]                      # S_tᵀ q_t: [B, W, H, V]
+    return o, states[:, -1].clone()                                # not a view of the window

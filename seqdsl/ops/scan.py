@@ -45,7 +45,7 @@ def associative_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) 
 
 
 def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
-                 block: int | None = None) -> Tensor:
+                 block: int | None = None, scratch: bool = False) -> Tensor:
     """All prefixes of ``h_t = a_t h_{t-1} + b_t`` along dim 1, in two levels.
 
     Time is cut into ``n`` blocks of ``C`` steps (default: the power of two nearest to
@@ -57,7 +57,9 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     on ``[B, n, *S]``); a final elementwise correction adds each block's incoming state. O(T)
     work in about ``C + 2 log2(n)`` sequential ops, where recursive doubling over all of T does
     O(T log T): the faster choice on a CPU once the state has a few dozen entries. No division,
-    so exact for ``a`` of any magnitude. ``a`` must have ``b``'s shape.
+    so exact for ``a`` of any magnitude. ``a`` must have ``b``'s shape. With ``scratch`` (and no
+    autograd) ``a`` and ``b`` are the caller's temporaries: the running products and the states
+    are written over them (no further buffer of their size).
     """
     B, T = b.shape[:2]
     C = block or max(8, 2 ** round(math.log2(max(T, 1) ** 0.5 / 2)))
@@ -70,7 +72,7 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     b = b.reshape((B, n, C) + b.shape[2:])
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (
             initial_state is not None and initial_state.requires_grad))):
-        return _blocked_scan_inplace(a, b, initial_state)[:, :T]
+        return _blocked_scan_inplace(a, b, initial_state, scratch and not pad)[:, :T]
     prods = a.cumprod(2)                                  # a_{block start..j}: [B, n, C, *S]
     h = b[:, :, 0]
     local = [h]
@@ -85,16 +87,21 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     return h.reshape((B, n * C) + h.shape[3:])[:, :T]
 
 
-def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None) -> Tensor:
+def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
+                          scratch: bool = False) -> Tensor:
     """:func:`blocked_scan` without autograd, on ``a, b [B, n, C, *S]``: the local states and the
     running products of ``a`` are written step by step into two preallocated buffers (no
     ``stack`` copy, and no ``cumprod`` along a strided dim, which is several times slower than
-    the equivalent loop of ``C`` multiplies), and the incoming states are added in place."""
+    the equivalent loop of ``C`` multiplies), and the incoming states are added in place.
+    With ``scratch`` the two buffers are ``b`` and ``a`` themselves."""
     B, n, C = b.shape[:3]
-    local = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-    prods = torch.empty(b.shape, dtype=a.dtype, device=a.device)
-    local[:, :, 0] = b[:, :, 0]
-    prods[:, :, 0] = a[:, :, 0]
+    if scratch and b.is_contiguous() and a.is_contiguous():
+        local, prods = b, a
+    else:
+        local = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        prods = torch.empty(b.shape, dtype=a.dtype, device=a.device)
+        local[:, :, 0] = b[:, :, 0]
+        prods[:, :, 0] = a[:, :, 0]
     for j in range(1, C):                                 # level 1: inside every block
         torch.addcmul(b[:, :, j], a[:, :, j], local[:, :, j - 1], out=local[:, :, j])
         torch.mul(a[:, :, j], prods[:, :, j - 1], out=prods[:, :, j])
