@@ -51,7 +51,8 @@ def bench(fn, repeats: int = 5, warmup: int = 1) -> float:
     return min(times) * 1000
 
 
-def fwd_bwd(fn, *tensors):
+def fwd_bwd(fn, tensors):
+    """``fn`` then the backward pass of a loss on its output (gradients of every input)."""
     def run():
         out = fn()
         out = out[0] if isinstance(out, tuple) else out
@@ -63,14 +64,23 @@ def fwd_bwd(fn, *tensors):
 
 # ---- cores: the cases of benchmarks/cores.py ---------------------------------------------------
 
-def core_rows(lengths, repeats, with_ref_up_to: int):
+def core_rows(lengths, repeats, with_ref_up_to: int, backward: bool = False):
+    """(name, T, fast, reference, fla naive chunk) in ms for every core case: the forward alone
+    (no autograd), or with ``backward`` the forward and the backward pass of a loss on the
+    output, every floating-point input requiring its gradient."""
     rows = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(backward):
         for T in lengths:
-            for name, fast, ref, peer in cores.cases(cores.inputs(T)):
-                t_fast = bench(fast, repeats)
-                t_ref = bench(ref, 2, 0) if T <= with_ref_up_to else float("nan")
-                t_peer = bench(peer, repeats) if peer is not None else float("nan")
+            x = cores.inputs(T)
+            leaves = [t.requires_grad_() for t in x.values()] if backward else []
+
+            def timed(fn, runs):
+                return bench(fwd_bwd(fn, leaves) if backward else fn, runs)
+
+            for name, fast, ref, peer in cores.cases(x):
+                t_fast = timed(fast, repeats)
+                t_ref = timed(ref, 2) if T <= with_ref_up_to else float("nan")
+                t_peer = timed(peer, repeats) if peer is not None else float("nan")
                 rows.append((name, T, t_fast, t_ref, t_peer))
     return rows
 
@@ -169,20 +179,24 @@ def main():
     lines = [f"# CPU benchmark ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__})", ""]
 
-    lines += ["## Cores, forward (B=1, H=4, K=V=64), ms", "",
-              "| core | T | fast | reference | fla naive chunk | vs reference | vs fla |",
-              "|---|---|---|---|---|---|---|"]
     def ms(v):
         return "–" if v != v else f"{v:.1f}"  # nan: not measured
 
     def ratio(a, b):
         return "–" if a != a or b != b else f"{a / b:.1f}x"
 
-    for name, T, fast, ref, peer in core_rows(lengths, repeats, with_ref_up_to=2048):
-        lines.append(f"| {name} | {T} | {ms(fast)} | {ms(ref)} | {ms(peer)} | "
-                     f"{ratio(ref, fast)} | {ratio(peer, fast)} |")
+    for title, backward, Ts in (("forward", False, lengths),
+                                ("forward + backward", True, lengths[:2])):
+        lines += [f"## Cores, {title} (B=1, H=4, K=V=64), ms", "",
+                  "| core | T | fast | reference | fla naive chunk | vs reference | vs fla |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, T, fast, ref, peer in core_rows(Ts, repeats if not backward else 3,
+                                                  with_ref_up_to=2048, backward=backward):
+            lines.append(f"| {name} | {T} | {ms(fast)} | {ms(ref)} | {ms(peer)} | "
+                         f"{ratio(ref, fast)} | {ratio(peer, fast)} |")
+        lines.append("")
     achieved, rate = roofline(repeats=repeats)
-    lines += ["", f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
+    lines += [f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
               f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.", ""]
 
     x = cores.inputs(8192 if not args.quick else 2048)
