@@ -26,11 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (FACTOR_LIMIT, cast, checkpointed, compute_dtype, cumsum_to_end,
-                        decay_factors,
-                        decay_matrix,
-                        default_scale, from_chunks, output_dtype, segsum, sub_chunk_size,
-                        to_chunks, to_chunks_scaled)
+from ._chunking import (FACTOR_LIMIT, LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
+                        decay_factors, decay_matrix, default_scale, exp_fast, from_chunks,
+                        output_dtype, segsum, sub_chunk_size, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 from .scan import blocked_scan
 
@@ -338,8 +336,8 @@ def _chunked_per_key(q, k, v, g, S0, chunk):
     G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
     low, high = torch.aminmax(G)
     if max(-float(low), float(high)) <= FACTOR_LIMIT:  # usual: the decay rides on q and k rows
-        e_G = torch.exp(G)
-        e_negG = torch.exp(-G)
+        e_G = exp_fast(G)
+        e_negG = torch.reciprocal(e_G)                    # e^{-G} to 1 ulp, for one exp pass
         q_in = to_chunks_scaled(q, chunk, e_G)            # q_i e^{G_i}: reads S_prev too
         k_back = to_chunks_scaled(k, chunk, e_negG)       # k_j e^{-G_j}
         o = (q_in @ k_back.mT).tril_() @ vc               # Σ_{j<=i} (q_i e^{G_i - G_j})·k_j v_j
@@ -445,7 +443,7 @@ def _state_decay_window(q, k, v, g, S):
     -> (o [B, W, H, V], S at the window end)."""
     k, v = k.contiguous(), v.contiguous()
     writes = k[..., :, None] * v[..., None, :]                      # [B, W, H, K, V]
-    return _window_scan(q, torch.exp(g).expand_as(writes).contiguous(), writes, S)
+    return _window_scan(q, exp_fast(g).expand_as(writes).contiguous(), writes, S)
 
 
 def _factored_decay_window(q, k, v, A, dt, S):
@@ -454,7 +452,12 @@ def _factored_decay_window(q, k, v, A, dt, S):
     # activation) run several times slower than the copies cost
     k, v, dt = k.contiguous(), v.contiguous(), dt.contiguous()
     writes = k[..., :, None] * v[..., None, :]                      # [B, W, H, K, V]
-    return _window_scan(q, (A * dt[:, :, :, None, :]).exp_(), writes, S)
+    if not (torch.is_grad_enabled() and (A.requires_grad or dt.requires_grad)) \
+            and A.dtype == torch.float32:      # e^{A dt} = 2^{(A log2 e) dt}: no extra pass
+        decay = torch.exp2_((A * LOG2E) * dt[:, :, :, None, :])
+    else:
+        decay = exp_fast(A * dt[:, :, :, None, :])
+    return _window_scan(q, decay, writes, S)
 
 
 def _window_scan(q, decay, writes, S):
