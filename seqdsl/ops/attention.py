@@ -9,12 +9,15 @@ including the query's own. With ``rope_theta`` q and k are rotated first (half-r
 ``rotate_half`` convention of Llama in ``transformers``; positions restart per packed sequence).
 
 Strategy: blocks of queries, each against only the keys it can see (O(T · block) memory, with
-each block recomputed in the backward pass); :func:`attention_ref` loops over query positions.
+each block recomputed in the backward pass); with a sliding window shorter than the sequence,
+groups of blocks against their key bands in single batched matmuls (:func:`_banded`).
+:func:`attention_ref` loops over query positions.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._chunking import checkpointed, compute_dtype, default_scale, output_dtype
 from ._varlen import varlen_call
@@ -132,6 +135,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
     # of queries is one [Tq·G, K] matrix against the block's keys (no broadcast copies of k, v)
     qt = (qg * scale).transpose(2, 3).contiguous()
     kh, vh = kh.contiguous(), vh.contiguous()                     # [B, Hkv, T, K|V]
+    if window is not None and window < T:
+        o = _banded(qt, kh, vh, window, softcap, block_size)       # [B, Hkv, T, G, V]
+        return o.permute(0, 2, 1, 3, 4).reshape(B, T, Hkv * G, -1).to(out_dtype)
     outs = []
     for start in range(0, T, block_size):
         end = min(start + block_size, T)
@@ -161,6 +167,63 @@ def _attend_block(q, k, v, q_start, k_start, window, softcap):
         s[..., :old].masked_fill_(qi - kj >= window, float("-inf"))
     p = torch.softmax(s, dim=-1).view(B, Hkv, Tq * G, Tk)
     return (p @ v).view(B, Hkv, Tq, G, -1)
+
+
+#: scores ``[.., blocks, block · G, band]`` of one group of query blocks in the banded form
+#: (16 MB in fp32): bounds its memory for any window, length and head count
+BAND_ELEMENTS = 1 << 22
+
+
+def _banded(q, k, v, window, softcap, block):
+    """Sliding-window attention with every query block of a group in one batched matmul.
+
+    Query block b (queries ``[bC, bC + C)``) can only see the band of ``C + window - 1`` keys
+    ``[bC - window + 1, bC + C)``. With ``window - 1`` zero keys in front, the bands are
+    overlapping windows of one padded key tensor (``unfold``: views, no copies), and the
+    visibility pattern inside a band is the same for every block (``r <= c <= r + window - 1``
+    for query row r and band column c), except for the padding keys of the first blocks. So a
+    group of blocks is one ``[C·G, K] @ [K, band]`` batched matmul, one softmax and one
+    ``[C·G, band] @ [band, V]`` matmul: a few large ops where the block loop of
+    :func:`attention` issues a dozen small ones per block. Groups hold at most
+    :data:`BAND_ELEMENTS` scores (each recomputed in the backward pass), so memory is
+    O(T · (window + C)) per head, as for the block loop.
+
+    q ``[B, Hkv, T, G, K]`` (scaled), k/v ``[B, Hkv, T, K|V]`` -> ``[B, Hkv, T, G, V]``.
+    """
+    B, Hkv, T, G, K = q.shape
+    C, P = block, window - 1
+    n = -(-T // C)
+    band = C + P
+    q = F.pad(q, (0, 0, 0, 0, 0, n * C - T))                      # whole blocks
+    k = F.pad(k, (0, 0, P, n * C - T))                            # P zero keys in front
+    v = F.pad(v, (0, 0, P, n * C - T))
+    r = torch.arange(C, device=q.device)[:, None]
+    c = torch.arange(band, device=q.device)[None, :]
+    key = torch.arange(n, device=q.device)[:, None, None] * C - P + c      # [n, 1, band]
+    visible = (c >= r) & (c <= r + P) & (key >= 0)                          # [n, C, band]
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill_(~visible, float("-inf"))[:, :, None, :]       # [n, C, 1, band]
+    per_group = max(1, BAND_ELEMENTS // (B * Hkv * C * G * band))
+    outs = []
+    for b0 in range(0, n, per_group):
+        b1 = min(n, b0 + per_group)
+        outs.append(checkpointed(_attend_band, q[:, :, b0 * C:b1 * C],
+                                 k[:, :, b0 * C:b1 * C + P], v[:, :, b0 * C:b1 * C + P],
+                                 bias[b0:b1], softcap))
+    return torch.cat(outs, dim=2)[:, :, :T]
+
+
+def _attend_band(q, k, v, bias, softcap):
+    """One group of ``m`` query blocks: q ``[B, Hkv, m·C, G, K]``, k/v ``[B, Hkv, m·C + P, K|V]``,
+    bias ``[m, C, 1, band]`` (0 or -inf) -> ``[B, Hkv, m·C, G, V]``."""
+    B, Hkv, _, G, K = q.shape
+    m, C, _, band = bias.shape
+    kb = k.unfold(2, band, C)                                     # [B, Hkv, m, K, band]
+    vb = v.unfold(2, band, C)                                     # [B, Hkv, m, V, band]
+    s = _cap(q.reshape(B, Hkv, m, C * G, K) @ kb, softcap).view(B, Hkv, m, C, G, band)
+    s = s.add_(bias) if not (torch.is_grad_enabled() and s.requires_grad) else s + bias
+    p = torch.softmax(s, dim=-1).view(B, Hkv, m, C * G, band)
+    return (p @ vb.mT).view(B, Hkv, m * C, G, -1)
 
 
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None = None,
