@@ -653,7 +653,7 @@ def test_banded_sliding_window_over_many_groups(monkeypatch, window):
 @pytest.mark.parametrize("factored", [False, True], ids=["materialised", "factored"])
 def test_state_decay_over_many_windows(monkeypatch, factored):
     """[K, V] decays scan window by window (each a two-level blocked scan from the state entering
-    it): with windows of one chunk, T = 150 crosses eight windows, the last one partial.
+    it): with the smallest windows (8 steps), T = 150 crosses 19 windows, the last one partial.
     Output, final state and gradients (initial state included) against the float64 loop."""
     monkeypatch.setattr(importlib.import_module("seqdsl.ops.linear"), "WINDOW_ELEMENTS", 1)
     g = torch.Generator().manual_seed(9)

@@ -14,8 +14,8 @@ may also have fewer heads ``Hq`` dividing H (shared by groups of value heads, se
 
 Strategies: the chunked matmul form for the first three (intra-chunk masked ``(q kᵀ ⊙ decay) v``
 plus inter-chunk state passing; for no or a scalar decay the Mamba-2 SSD algorithm, all chunks at
-once), and for ``[K, V]`` decays a two-level elementwise scan over windows of whole chunks (never
-more than one window of ``[B, W, H, K, V]`` alive). Complex per-key decays
+once), and for ``[K, V]`` decays a two-level elementwise scan over windows of time (never more
+than one window of ``[B, W, H, K, V]`` alive). Complex per-key decays
 are lowered onto the real form by :func:`linear_complex`.
 """
 
@@ -407,9 +407,11 @@ def _chunk_loop_state_decay(q, k, v, g, S0, chunk):
     """[K, V] decays: the elementwise scan ``S_t = e^{g_t} ⊙ S_{t-1} + k_t v_tᵀ`` over windows.
 
     ``g`` is a ``[B, T, H, K|1, V|1]`` log decay or the factors ``(A [H, K, V], dt [B, T, H, V])``.
-    Time is cut into windows of whole chunks holding at most :data:`WINDOW_ELEMENTS` state
-    entries (``[B, W, H, K, V]``); each window is one two-level :func:`blocked_scan` from the
-    state entering it, and its outputs ``S_tᵀ q_t`` one batched product. So memory is
+    Time is cut into windows of ``W`` steps (a power of two, at least 8) holding at most
+    :data:`WINDOW_ELEMENTS` state entries ``[B, W, H, K, V]`` where the state allows it (``chunk``
+    plays no part: the result does not depend on it); each window is one two-level
+    :func:`blocked_scan` from the state entering it, and its outputs ``S_tᵀ q_t`` one batched
+    product. So memory is
     O(window · K · V) per head, never O(T · K · V), and the work is a few passes over the window
     in a few dozen ops (a step loop costs one op per step, on a state of a few thousand
     entries: dominated by per-op overhead on a CPU). With autograd each window is recomputed in
@@ -418,7 +420,7 @@ def _chunk_loop_state_decay(q, k, v, g, S0, chunk):
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V) if S0 is None else S0
-    window = chunk * max(1, WINDOW_ELEMENTS // (chunk * B * H * K * V))
+    window = max(8, 2 ** int(math.log2(max(1, WINDOW_ELEMENTS // (B * H * K * V)))))
     outs = []
     for t0 in range(0, T, window):
         part = slice(t0, t0 + window)
