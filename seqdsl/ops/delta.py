@@ -150,22 +150,24 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
     V = v.shape[-1]
     e_G, e_negG = (f[..., None] for f in factors)                      # [B, H, n, C, 1]
     n = e_G.shape[2]
-    q_in = to_chunks_scaled(q, chunk, e_G * scale)   # reads the state entering the chunk
     k_back = to_chunks_scaled(k, chunk, e_negG)      # k_j e^{-G_j}
     beta = bc[..., None]
     if track:
+        q_in = to_chunks_scaled(q, chunk, e_G * scale)   # reads the state entering the chunk
         rhs = torch.cat([to_chunks(v, chunk) * beta, to_chunks(k, chunk) * (beta * e_G)], dim=-1)
-        A = (rhs[..., V:] @ k_back.mT).tril_(-1)     # β_i e^{G_i - G_j} k_i·k_j (j < i)
+        A = rhs[..., V:] @ k_back.mT                 # β_i e^{G_i - G_j} k_i·k_j (read for j < i)
         P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
     else:
-        # [β v | β e^G k] in one buffer; q e^G and β e^G k stacked so that one matmul with the
-        # keys gives both the scores P and the triangular system A
+        # q e^G and β e^G k stacked in one buffer, so that one matmul with the keys gives both
+        # the scores P and the triangular system A; [β v | β e^G k] in another
+        rows = q.new_empty(B, H, n, 2 * chunk, K)
+        q_in = to_chunks_scaled(q, chunk, e_G * scale, out=rows[..., :chunk, :])
+        to_chunks_scaled(k, chunk, beta * e_G, out=rows[..., chunk:, :])
         rhs = q.new_empty(B, H, n, chunk, V + K)
         to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
-        to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
-        rows = torch.cat([q_in, rhs[..., V:]], dim=-2)                    # [B, H, n, 2C, K]
+        rhs[..., V:] = rows[..., chunk:, :]
         PA = rows @ k_back.mT                                             # [B, H, n, 2C, C]
-        P, A = PA[..., :chunk, :].tril_(), PA[..., chunk:, :].tril_(-1)
+        P, A = PA[..., :chunk, :].tril_(), PA[..., chunk:, :]
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
 
     local, PW = (P @ UW).split([V, K], dim=-1)       # P U [.., C, V], P W [.., C, K]
@@ -194,7 +196,8 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
 
 
 def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
-    """``(I + A)⁻¹ rhs`` for strictly lower-triangular ``A [..., C, C]``, ``rhs [..., C, R]``.
+    """``(I + A)⁻¹ rhs`` for the strictly lower triangle of ``A [..., C, C]`` (the diagonal and
+    above are never read: no need to mask them), ``rhs [..., C, R]``.
 
     Blocked forward substitution: the inverse of each ``block × block`` diagonal block is the
     finite product ``(I - D)(I + D²)(I + D⁴)...`` (``D`` is nilpotent; all diagonal blocks in one
@@ -208,9 +211,10 @@ def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
         eye = torch.eye(C, dtype=A.dtype, device=A.device)
         return torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     m = C // block
-    # the m diagonal blocks of every matrix, inverted together: [N·m, block, block]
+    # the m diagonal blocks of every matrix, strictly lower parts, inverted together:
+    # [N·m, block, block] (the blocks left of them are below the diagonal: read whole)
     D = A.reshape(-1, m, block, m, block).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    D = D.reshape(-1, block, block)
+    D = D.reshape(-1, block, block).tril(-1)
     X, Pw, s = torch.eye(block, dtype=A.dtype, device=A.device) - D, D @ D, 2
     while s < block:
         X = torch.baddbmm(X, X, Pw)                  # X (I + D^s)
