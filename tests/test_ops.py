@@ -729,18 +729,22 @@ def test_blocked_scan_gradients_with_zero_multipliers():
 # ---- q/k heads shared by groups of value heads (Mamba-2 n_groups, GQA-style linear attention) -
 
 @pytest.mark.parametrize("qk_heads", [1, 2])
-@pytest.mark.parametrize("decay", ["none", "scalar", "key", "key_value"])
+@pytest.mark.parametrize("decay", ["none", "scalar", "scalar_strong", "key", "key_value"])
 @pytest.mark.parametrize("fn", [ops.linear, ops.linear_ref], ids=["chunked", "reference"])
 def test_linear_shared_qk_heads_equal_repeated_heads(fn, decay, qk_heads):
     """q, k with Hq heads (Hq dividing H) equal q, k repeated to H heads: value head h reads
     q/k head h // (H / Hq). Forward, final state and gradients (q/k gradients summed over the
-    group), with an initial state and a length that is not a multiple of the chunk."""
+    group), with an initial state and a length that is not a multiple of the chunk. A strong
+    scalar decay (beyond FACTOR_LIMIT within a chunk) takes the grouped form with one ``q kᵀ``
+    per q/k head and a decay matrix per value head."""
     Hv, T = 4, 45
     x = _qkv(T, 20, H=Hv)
     x["q"], x["k"] = x["q"][:, :, :qk_heads].clone(), x["k"][:, :, :qk_heads].clone()
-    shapes = {"none": None, "scalar": (B, T, Hv), "key": (B, T, Hv, K),
-              "key_value": (B, T, Hv, K, V)}
+    shapes = {"none": None, "scalar": (B, T, Hv), "scalar_strong": (B, T, Hv),
+              "key": (B, T, Hv, K), "key_value": (B, T, Hv, K, V)}
     x["log_decay"] = None if shapes[decay] is None else _log_gate(*shapes[decay], seed=23)
+    if decay == "scalar_strong":
+        x["log_decay"] = x["log_decay"] * 20 - 2.0
     h0 = _randn(B, Hv, K, V, seed=24)
     extra = {"chunk_size": 16} if fn is ops.linear else {}
 

@@ -202,11 +202,12 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     on the value side (``e^{G_C - G_j} v_j``) and on the output (``e^{G_i} (q_i S_prev)``), so
     q and k enter only plain matmuls: ``q kᵀ`` once per q/k head and, when heads share q/k, the
     state matmuls run over all ``r = H / Hq`` value heads at once (``[C, K] @ [K, r·V]``).
-    With one value head per q/k head and every ``|G| <= FACTOR_LIMIT`` (the usual case) the decay
-    rides on the rows, ``(q_i e^{G_i})·(k_j e^{-G_j})`` (:func:`decay_factors`: no ``[C, C]``
-    pass at all); otherwise the decays come from :func:`decay_matrix` (cumulative sums in
-    float64, so that their differences ``G_i - G_j`` carry no cancellation error however strong
-    the decay).
+    With every ``|G| <= FACTOR_LIMIT`` (the usual case) the decay rides on the rows,
+    ``(q_i e^{G_i})·(k_j e^{-G_j})`` (:func:`decay_factors`: no ``[C, C]`` pass at all; shared
+    q/k are then expanded to the value heads, as views when there is one q/k head, since each
+    value head has its own decay); otherwise the decays come from :func:`decay_matrix`
+    (cumulative sums in float64, so that their differences ``G_i - G_j`` carry no cancellation
+    error however strong the decay).
     Large temporaries are updated in place where autograd allows it: on a CPU every fresh
     allocation of a few MB costs page faults comparable to the arithmetic on it.
     """
@@ -217,9 +218,16 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     n = vc.shape[2]
     gc = None if g is None else to_chunks(g.reshape(B, T, Hq, r), C).mT   # [B, Hq, n, r, C]
     factors = None
-    if gc is not None and r == 1:  # the decay on the rows of q and k: no [C, C] decay pass
+    if gc is not None:  # the decay on the rows of q and k: no [C, C] decay pass
         G = gc.to(torch.float64).cumsum(-1)
-        factors = decay_factors(G, q.dtype)
+        if r > 1:
+            # one decay per value head: the rows of q and k differ per value head, so q/k are
+            # expanded (views for one shared head); r q kᵀ matmuls cost less than r [C, C]
+            # decay passes
+            if bool(G.abs().amax() <= FACTOR_LIMIT):
+                return _chunked_scalar(*_expand_heads(q, k, v), g, S0, chunk, scale)
+        else:
+            factors = decay_factors(G, q.dtype)
 
     if factors is not None:
         e_G, e_negG = (f.mT for f in factors)                        # [B, Hq, n, C, 1]
