@@ -81,8 +81,9 @@ def test_gradients_match_the_reference_path(compiled):
         (logits * w).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        assert_close(grads[0][name], grads[1][name], torch.float32, f"grad of {name}")
+    for name in grads[0]:  # a different algorithm: the table's whole-model gradient bounds
+        assert_close(grads[0][name], grads[1][name], torch.float32, f"grad of {name}",
+                     model_gradient=True)
 
 
 def test_generate(compiled):
