@@ -631,6 +631,32 @@ def test_factored_decay_equals_the_materialised_decay(fn):
         assert_close(a, b, torch.float32, f"gradient of {name}")
 
 
+@pytest.mark.parametrize("core", ["linear_none", "linear_scalar", "linear_key", "delta"])
+def test_chunked_forms_over_many_segments(monkeypatch, core):
+    """The chunked forms run time in segments of whole chunks, each from the state the last one
+    returned: with one chunk per segment and T = 45 (segments of 16, 16 and 13 steps),
+    output, final state and gradients (initial state included) against the float64 loop."""
+    monkeypatch.setattr(importlib.import_module("seqdsl.ops._chunking"), "SEGMENT_CHUNKS", 1)
+    if core == "delta":
+        x, h0, _ = make_delta(45, 13, gated=True)
+        fast, ref = ops.delta, ops.delta_ref
+    else:
+        x, h0, _ = make_linear(45, 13, core.split("_")[1])
+        fast, ref = ops.linear, ops.linear_ref
+    x = {n: t.requires_grad_() for n, t in x.items() if t is not None}
+    h0 = h0.requires_grad_()
+    o, S = fast(**x, initial_state=h0, output_final_state=True, chunk_size=16)
+    o_gold, S_gold = ref(**_cast(x), initial_state=_widen(h0), output_final_state=True)
+    assert_close(o, o_gold, FP32, f"{core} over segments")
+    assert_close(S, S_gold, FP32, f"{core} over segments: final state")
+    w = torch.randn(o.shape, generator=_gen(14))
+    leaves = [*x.values(), h0]
+    grads = torch.autograd.grad((o * w).sum() + S.square().sum(), leaves)
+    gold = torch.autograd.grad((o_gold * w.double()).sum() + S_gold.square().sum(), leaves)
+    for a, b, name in zip(grads, gold, [*x, "initial state"]):
+        assert_close(a, b, FP32, f"{core} over segments: gradient of {name}")
+
+
 @pytest.mark.parametrize("window", [1, 5, 40])
 def test_banded_sliding_window_over_many_groups(monkeypatch, window):
     """Sliding-window attention batches query blocks against their key bands (one padded,

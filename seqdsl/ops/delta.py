@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
-                        from_chunks, output_dtype, to_chunks, to_chunks_scaled)
+                        from_chunks, output_dtype, over_segments, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -79,7 +79,7 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
                            output_final_state=output_final_state, chunk_size=chunk_size)
     q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state,
                                                       scale)
-    o, S = _delta_chunked(q, k, v, beta, g, S0, chunk_size, scale)
+    o, S = over_segments(_delta_chunked, (q, k, v, beta, g), S0, chunk_size, q.shape[2], scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ._chunking import (FACTOR_LIMIT, LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
                         decay_factors, decay_matrix, default_scale, exp_fast, from_chunks,
-                        output_dtype, segsum, sub_chunk_size, to_chunks, to_chunks_scaled)
+                        output_dtype, over_segments, segsum, sub_chunk_size, to_chunks,
+                        to_chunks_scaled)
 from ._varlen import varlen_call
 from .scan import blocked_scan
 
@@ -180,10 +181,11 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     elif g is not None and g.ndim == 5:
         o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
     elif g is not None and g.ndim == 4:
-        o, S = _chunked_per_key(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
+        o, S = over_segments(_chunked_per_key, (*_expand_heads(q * scale, k, v), g), S0,
+                             chunk_size, v.shape[2])
     else:
         _check_heads(q, k, v)
-        o, S = _chunked_scalar(q, k, v, g, S0, chunk_size, scale)
+        o, S = over_segments(_chunked_scalar, (q, k, v, g), S0, chunk_size, v.shape[2], scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
