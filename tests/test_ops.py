@@ -636,7 +636,9 @@ def test_chunked_forms_over_many_segments(monkeypatch, core):
     """The chunked forms run time in segments of whole chunks, each from the state the last one
     returned: with one chunk per segment and T = 45 (segments of 16, 16 and 13 steps),
     output, final state and gradients (initial state included) against the float64 loop."""
-    monkeypatch.setattr(importlib.import_module("seqdsl.ops._chunking"), "SEGMENT_CHUNKS", 1)
+    chunking = importlib.import_module("seqdsl.ops._chunking")
+    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
+    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 1)
     if core == "delta":
         x, h0, _ = make_delta(45, 13, gated=True)
         fast, ref = ops.delta, ops.delta_ref

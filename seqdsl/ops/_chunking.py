@@ -168,17 +168,21 @@ def exp_fast(x: Tensor, out: Tensor | None = None) -> Tensor:
 #: L2/L3 caches from one batched op to the next (measured 3-12% faster than all of T at once
 #: for B·H = 4 at T = 2048 / 8192), and their memory is bounded whatever T
 SEGMENT_CHUNKS = 64
+#: but never fewer chunks of time per segment than this: with many heads a segment of one or two
+#: chunks costs more in per-call overhead than the cache saves (Mamba-2, 24 heads: 8% slower)
+SEGMENT_MIN_CHUNKS = 8
 
 
 def over_segments(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int, heads: int,
                   *args):
     """``fn(*seqs, state, chunk, *args) -> (o, state)`` over consecutive time segments of whole
-    chunks (:data:`SEGMENT_CHUNKS` chunk blocks each), each starting from the state the last
+    chunks (:data:`SEGMENT_CHUNKS` chunk blocks each, at least :data:`SEGMENT_MIN_CHUNKS`
+    chunks of time), each starting from the state the last
     one returned. ``seqs`` are ``[B, T, ...]`` tensors (or None), ``o`` is ``[B, T, ...]``.
     The recurrence is exact across segment boundaries: a chunked form is already a sequence
     of chunk-to-chunk state passes."""
     B, T = next(x for x in seqs if x is not None).shape[:2]
-    length = chunk * max(1, SEGMENT_CHUNKS // (B * heads))
+    length = chunk * max(SEGMENT_MIN_CHUNKS, SEGMENT_CHUNKS // (B * heads))
     if T <= length:
         return fn(*seqs, state, chunk, *args)
     outs = []
@@ -213,5 +217,5 @@ def checkpointed(fn: Callable, *args):
 
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
-           "FACTOR_LIMIT", "LOG2E", "exp_fast", "SEGMENT_CHUNKS", "over_segments",
-           "cumsum_to_end", "sub_chunk_size", "checkpointed"]
+           "FACTOR_LIMIT", "LOG2E", "exp_fast", "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS",
+           "over_segments", "cumsum_to_end", "sub_chunk_size", "checkpointed"]
