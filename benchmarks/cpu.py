@@ -16,7 +16,10 @@ this machine:
 * peak memory of the chunked forward (CPU allocator, via tracemalloc-free torch profiling).
 
 The script re-executes itself with glibc malloc settings that keep large buffers mapped
-(``STABLE_MALLOC``); page faults from fresh allocations otherwise dominate some rows.
+(``STABLE_MALLOC``); page faults from fresh allocations otherwise dominate some rows. It times
+every fast path (and fla's chunked peers) before any sequential reference or step-loop peer:
+after those loops' thousands of small tensors, large-buffer calls run up to 2x slower for a
+while, which would charge our rows (and the chunked peers) for the references' habits.
 """
 
 from __future__ import annotations
@@ -65,11 +68,13 @@ def fwd_bwd(fn, tensors):
 
 # ---- cores: the cases of benchmarks/cores.py ---------------------------------------------------
 
-def core_rows(lengths, repeats, with_ref_up_to: int, backward: bool = False):
-    """(name, T, fast, reference, fla naive chunk) in ms for every core case: the forward alone
-    (no autograd), or with ``backward`` the forward and the backward pass of a loss on the
-    output, every floating-point input requiring its gradient."""
-    rows = []
+def core_times(lengths, repeats, backward: bool = False, references: bool = False):
+    """``{(name, T): (fast, fla naive chunk)}`` in ms for every core case, or with
+    ``references`` ``{(name, T): reference}``: the forward alone (no autograd), or with
+    ``backward`` the forward and the backward pass of a loss on the output, every
+    floating-point input requiring its gradient. Fast paths and peers run in rounds over all
+    cases (a burst of load hits one round), keeping each one's best time."""
+    times = {}
     with torch.set_grad_enabled(backward):
         for T in lengths:
             x = cores.inputs(T)
@@ -79,20 +84,17 @@ def core_rows(lengths, repeats, with_ref_up_to: int, backward: bool = False):
                 return bench(fwd_bwd(fn, leaves) if backward else fn, runs, warmup)
 
             cases = cores.cases(x)
-            best = {}
-            for _ in range(ROUNDS):  # rounds over all cases: a burst of load hits one round
+            if references:
+                for name, _, ref, _ in cases:
+                    times[name, T] = min(timed(ref, 1, 0) for _ in range(2))
+                continue
+            for _ in range(ROUNDS):
                 for name, fast, _, peer in cases:
-                    times = (timed(fast, repeats),
-                             timed(peer, repeats) if peer is not None else float("nan"))
-                    old = best.get(name, times)
-                    best[name] = tuple(min(a, b) if a == a else a for a, b in zip(old, times))
-            # the references after all fast paths: their thousands of small tensors leave the
-            # heap in a state that slows the next large-buffer calls by up to 2x
-            for name, _, ref, _ in cases:
-                t_ref = min(timed(ref, 1, 0) for _ in range(2)) if T <= with_ref_up_to \
-                    else float("nan")
-                rows.append((name, T, best[name][0], t_ref, best[name][1]))
-    return rows
+                    new = (timed(fast, repeats),
+                           timed(peer, repeats) if peer is not None else float("nan"))
+                    old = times.get((name, T), new)
+                    times[name, T] = tuple(min(a, b) if a == a else a for a, b in zip(old, new))
+    return times
 
 
 #: every case is timed in this many rounds, interleaved with the others, keeping its best time:
@@ -138,9 +140,9 @@ def _mixer_only(spec: str, mixer: str, **overrides):
     return module.Model().eval().layers[0]
 
 
-def layer_rows(lengths, repeats):
+def layer_cases(lengths):
+    """(name, T, ours, peer) for every layer comparison, each a zero-argument callable."""
     import transformers as tf
-    rows = []
     mamba_cfg = tf.MambaConfig(hidden_size=768, state_size=16, expand=2, conv_kernel=4,
                                num_hidden_layers=1, vocab_size=100)
     hf_mamba = tf.models.mamba.modeling_mamba.MambaMixer(mamba_cfg, layer_idx=0).eval()
@@ -152,33 +154,25 @@ def layer_rows(lengths, repeats):
     rg_cfg = tf.RecurrentGemmaConfig(hidden_size=1024, lru_width=1024, num_attention_heads=8,
                                      num_hidden_layers=1, vocab_size=100,
                                      block_types=["recurrent"])
-    hf_rg = tf.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock(rg_cfg, layer_idx=0).eval()
+    hf_rg = tf.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock(
+        rg_cfg, layer_idx=0).eval()
     ours_rg = _mixer_only("griffin.seq", "rglru", d=1024, **{"rglru.heads": 8})
 
     def ours(block, x):
         return lambda: block(x, {}, None, 0)
 
+    cases = []
     for T in lengths:
-        with torch.no_grad():
-            x = torch.randn(1, T, 768)
-            xr = torch.randn(1, T, 1024)
-            pos = torch.arange(T)[None]
-            cases = [
-                ("Mamba mixer vs MambaMixer (CPU path)", ours(ours_mamba, x),
-                 lambda: hf_mamba(x)),
-                ("Mamba-2 mixer vs Mamba2Mixer (torch path)", ours(ours_mamba2, x),
-                 lambda: hf_mamba2(x)),
-                ("Griffin RG-LRU mixer vs RecurrentGemma recurrent block", ours(ours_rg, xr),
-                 lambda: hf_rg(xr, pos, None, use_cache=False)),
-            ]
-            # ours in rounds, then the peers in rounds: the peers' step loops churn the heap,
-            # which slows the next large-buffer calls (see core_rows)
-            ours_best = {name: min(bench(fast, 2) for _ in range(ROUNDS))
-                         for name, fast, _ in cases}
-            peer_best = {name: min(bench(peer, 1) for _ in range(ROUNDS))
-                         for name, _, peer in cases}
-            rows += [(name, T, ours_best[name], peer_best[name]) for name, *_ in cases]
-    return rows
+        x, xr, pos = torch.randn(1, T, 768), torch.randn(1, T, 1024), torch.arange(T)[None]
+        cases += [
+            ("Mamba mixer vs MambaMixer (CPU path)", T, ours(ours_mamba, x),
+             lambda x=x: hf_mamba(x)),
+            ("Mamba-2 mixer vs Mamba2Mixer (torch path)", T, ours(ours_mamba2, x),
+             lambda x=x: hf_mamba2(x)),
+            ("Griffin RG-LRU mixer vs RecurrentGemma recurrent block", T, ours(ours_rg, xr),
+             lambda xr=xr, pos=pos: hf_rg(xr, pos, None, use_cache=False)),
+        ]
+    return cases
 
 
 #: glibc malloc settings that keep multi-MB buffers mapped between calls: without them, page
@@ -204,31 +198,49 @@ def main():
     def ratio(a, b):
         return "–" if a != a or b != b else f"{a / b:.1f}x"
 
-    for title, backward, Ts in (("forward", False, lengths),
-                                ("forward + backward", True, lengths[:2])):
-        lines += [f"## Cores, {title} (B=1, H=4, K=V=64), ms", "",
-                  "| core | T | fast | reference | fla naive chunk | vs reference | vs fla |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, T, fast, ref, peer in core_rows(Ts, repeats if not backward else 2,
-                                                  with_ref_up_to=2048, backward=backward):
-            lines.append(f"| {name} | {T} | {ms(fast)} | {ms(ref)} | {ms(peer)} | "
-                         f"{ratio(ref, fast)} | {ratio(peer, fast)} |")
-        lines.append("")
+    # Order matters on a CPU: the sequential references and the peers' step loops create
+    # thousands of small tensors, after which large-buffer calls run up to 2x slower for a
+    # while (allocator state). So every fast path is timed first, the references and the
+    # peers' step loops last.
+    fwd = core_times(lengths, repeats)
+    layers = layer_cases(lengths)
+    with torch.no_grad():
+        ours = {(name, T): min(bench(fn, 2) for _ in range(ROUNDS))
+                for name, T, fn, _ in layers}
     achieved, rate = roofline(repeats=repeats)
-    lines += [f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
-              f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.", ""]
-
     x = cores.inputs(8192 if not args.quick else 2048)
     q, v = x["q"], x["v"]
     with torch.no_grad():
         peak = peak_memory(lambda: ops.linear(q, x["k"], v, log_decay=x["g_scalar"]))
     per = q.shape[1] * q.shape[2] * (q.shape[3] + v.shape[3]) * 4
-    lines += [f"Peak memory of the chunked `linear` forward at T={q.shape[1]}: {peak / 2**20:.1f} MiB "
-              f"= {peak / per:.1f} x T*H*(K+V)*4 bytes.", ""]
+    with_ref = [T for T in lengths if T <= 2048]
+    fwd_ref = core_times(with_ref, repeats, references=True)
+    with torch.no_grad():
+        peers = {(name, T): min(bench(fn, 1) for _ in range(ROUNDS))
+                 for name, T, _, fn in layers}
+    bwd = core_times(lengths[:2], 2, backward=True)
+    bwd_ref = core_times([T for T in lengths[:2] if T <= 2048], 2, backward=True,
+                         references=True)
 
+    for title, fast_peer, refs in (("forward", fwd, fwd_ref),
+                                   ("forward + backward", bwd, bwd_ref)):
+        lines += [f"## Cores, {title} (B=1, H=4, K=V=64), ms", "",
+                  "| core | T | fast | reference | fla naive chunk | vs reference | vs fla |",
+                  "|---|---|---|---|---|---|---|"]
+        for (name, T), (fast, peer) in fast_peer.items():
+            ref = refs.get((name, T), float("nan"))
+            lines.append(f"| {name} | {T} | {ms(fast)} | {ms(ref)} | {ms(peer)} | "
+                         f"{ratio(ref, fast)} | {ratio(peer, fast)} |")
+        lines.append("")
+    lines += [f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
+              f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.",
+              "",
+              f"Peak memory of the chunked `linear` forward at T={q.shape[1]}: "
+              f"{peak / 2**20:.1f} MiB = {peak / per:.1f} x T*H*(K+V)*4 bytes.", ""]
     lines += ["## Layers, forward (B=1), ms", "",
               "| layer vs peer | T | seqdsl | peer | speed-up |", "|---|---|---|---|---|"]
-    for name, T, fast, peer in layer_rows(lengths, repeats):
+    for (name, T), fast in ours.items():
+        peer = peers[name, T]
         lines.append(f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
