@@ -371,10 +371,14 @@ def _intra_scores_per_key(q, k, g):
     without the ``exp`` of a large positive number that ``(q e^G)(k e^{-G})ᵀ`` needs.
 
     The chunk ``[..., C, K]`` is split into ``m`` sub-chunks of ``c`` steps, with ``L`` the log
-    decay accumulated inside a sub-chunk and ``Tot`` a sub-chunk's total. Inside one sub-chunk,
-    column j of the scores takes j itself as the reference point: ``e^{L_i - L_j} <= 1`` for the
-    rows ``i >= j`` it needs (one ``[..., m, c - j, K]`` product per column, never a
-    ``[c, c, K]`` tensor). For a key in sub-chunk r before the query's sub-chunk s the decay
+    decay accumulated inside a sub-chunk and ``Tot`` a sub-chunk's total: ``c`` is the largest of
+    16, 8, 4 for which every ``|L| <= FACTOR_LIMIT`` (per-step log decays down to about -7 still
+    fit at 4), and then the pairs inside a sub-chunk factor through its start: one matmul
+    ``(q e^L)(k e^{-L})ᵀ``. If none fits, the sub-chunks are the largest of those (fewest
+    cross-sub-chunk products, measured faster), and column j of their scores takes j itself as
+    the reference point: ``e^{L_i - L_j} <= 1`` for the rows
+    ``i >= j`` it needs (one ``[..., m, c - j, K]`` product per column, never a ``[c, c, K]``
+    tensor). For a key in sub-chunk r before the query's sub-chunk s the decay
     factors through the sub-chunk boundaries into three factors <= 1:
       e^{G_i - G_j} = e^{L_i} · Π_{r<u<s} e^{Tot_u} · e^{Tot_r - L_j}
     so the scores of query sub-chunk s against all earlier keys are one matmul of
@@ -382,22 +386,33 @@ def _intra_scores_per_key(q, k, g):
     pairs r < s are formed: no ``[m, m, c, K]`` tensor either).
     """
     *lead, C, K = q.shape
-    c = sub_chunk_size(C)
+    tried = []
+    for c in sorted({sub_chunk_size(C, size) for size in (16, 8, 4)}, reverse=True):
+        L = g.reshape(*lead, C // c, c, K).cumsum(-2)             # [..., m, c, K]
+        low, high = torch.aminmax(L)
+        fits = max(-float(low), float(high)) <= FACTOR_LIMIT
+        tried.append((c, L))
+        if fits:
+            break
+    c, L = tried[-1] if fits else tried[0]
     m = C // c
-    qs, ks, gs = (x.reshape(*lead, m, c, K) for x in (q, k, g))   # [..., m, c, K]
-    L = gs.cumsum(-2)                                             # [..., m, c, K]
+    qs, ks = (x.reshape(*lead, m, c, K) for x in (q, k))          # [..., m, c, K]
+    q_dec = qs * exp_fast(L)                                      # sub-chunk start -> i
 
-    # pairs within one sub-chunk, column by column
-    columns = []
-    for j in range(c):
-        decay = torch.exp(L[..., j:, :] - L[..., j:j + 1, :])           # [..., m, c - j, K]
-        col = (qs[..., j:, :] * decay) @ ks[..., j, :, None]            # [..., m, c - j, 1]
-        columns.append(F.pad(col[..., 0], (j, 0)))                      # zeros above the diagonal
-    diag = torch.stack(columns, dim=-1)                                 # [..., m, c(i), c(j)]
+    if fits:
+        # the sub-chunks' own ranges fit: pairs within one sub-chunk factor through its start,
+        # (q_i e^{L_i})·(k_j e^{-L_j}), one batched matmul
+        diag = (q_dec @ (ks * exp_fast(-L)).mT).tril_()                 # [..., m, c(i), c(j)]
+    else:  # pairs within one sub-chunk, column by column
+        columns = []
+        for j in range(c):
+            decay = exp_fast(L[..., j:, :] - L[..., j:j + 1, :])        # [..., m, c - j, K]
+            col = (qs[..., j:, :] * decay) @ ks[..., j, :, None]        # [..., m, c - j, 1]
+            columns.append(F.pad(col[..., 0], (j, 0)))                  # zeros above the diagonal
+        diag = torch.stack(columns, dim=-1)                             # [..., m, c(i), c(j)]
 
     # pairs across sub-chunks: decay factored through the boundaries
     total = L[..., -1, :]                                   # [..., m, K]
-    q_dec = qs * torch.exp(L)                               # sub-chunk start -> i
     k_dec = ks * torch.exp(total[..., None, :] - L)         # j -> sub-chunk end
     seg = segsum(total.transpose(-1, -2))                   # [..., K, m, m], Σ_{r<u<=s}
     # Σ_{r<u<s}: row s of the exclusive matrix is row s-1 of the inclusive one
