@@ -123,7 +123,7 @@ def roofline(T: int = 2048, chunk: int = 64, repeats: int = 5):
 #: run in a fresh interpreter by :func:`peak_memory`: the rise of the resident-set high-water
 #: mark across one chunked forward, its inputs already allocated (and nothing larger before)
 _PEAK_SNIPPET = """
-import resource, torch
+import torch
 import torch.nn.functional as F
 from seqdsl import ops
 B, T, H, K, V = 1, {T}, {H}, {K}, {V}
@@ -131,17 +131,24 @@ q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H,
 g = F.logsigmoid(torch.randn(B, T, H) + 3)
 with torch.no_grad():  # one-time costs (thread pools, BLAS buffers) on a tiny input first
     ops.linear(q[:, :128], k[:, :128], v[:, :128], log_decay=g[:, :128])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as f:   # resets the high-water mark to the current RSS
+    f.write("5")
+before = kib("VmRSS:")
 with torch.no_grad():
     ops.linear(q, k, v, log_decay=g)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((kib("VmHWM:") - before) * 1024)
 """
 
 
 def peak_memory(T: int) -> int:
     """Peak bytes the chunked ``linear`` forward (scalar decay) adds on top of its inputs: the
-    rise of the process's resident high-water mark (``ru_maxrss``, KiB on Linux) in a fresh
-    interpreter, so that no earlier measurement has raised the mark already."""
+    rise of the resident high-water mark (Linux ``VmHWM``, reset through
+    ``/proc/self/clear_refs``) in a fresh interpreter, whose heap holds no freed pages that
+    would hide the rise (``ru_maxrss`` would not do: Linux carries it across ``exec``)."""
     import subprocess
     code = _PEAK_SNIPPET.format(T=T, H=cores.H, K=cores.K, V=cores.V)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
