@@ -100,7 +100,7 @@ def core_times(lengths, repeats, backward: bool = False, references: bool = Fals
 
 #: every case is timed in this many rounds, interleaved with the others, keeping its best time:
 #: load on this shared machine comes in bursts of seconds that double some timings
-ROUNDS = 3
+ROUNDS = 5
 
 
 def roofline(T: int = 2048, chunk: int = 64, repeats: int = 5):
