@@ -95,13 +95,13 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0):
 
     When every ``|G| <= FACTOR_LIMIT`` the decay rides on the rows (:func:`_delta_factored`);
     otherwise ``e^{G_i - G_j}`` comes from :func:`decay_matrix`. The unit-triangular solve is
-    :func:`_unit_lower_solve`. Everything but the chunk-to-chunk pass is batched over chunks; that pass is an affine map
-    ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a loop over chunks.
+    :func:`_unit_lower_solve`. Everything but the chunk-to-chunk pass is batched over chunks;
+    that pass is an affine map ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a
+    loop over chunks (:func:`_pass_and_read`).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
-    n = bc.shape[2]
     track = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, g, S0))
     Gd = gc.to(torch.float64).cumsum(-1)             # [B, H, n, C] log decay from the chunk start
@@ -111,7 +111,7 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0):
         return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track)
 
     qc, kc, vc = to_chunks(q, chunk) * scale, to_chunks(k, chunk), to_chunks(v, chunk)
-    Gd, decay = decay_matrix(gc, q.dtype)            # decay: e^{G_i - G_j} for j <= i, 1 above
+    _, decay = decay_matrix(gc, q.dtype)             # e^{G_i - G_j} for j <= i, 1 above
     q_in = qc * torch.exp(G)[..., None]
     kb = kc * (bc * torch.exp(G))[..., None]
     A = kc @ kc.mT
@@ -128,16 +128,7 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0):
     transition = -kW                                 # e^{G_C} I - k_outᵀ W: [B, H, n, K, K]
     transition.diagonal(dim1=-2, dim2=-1).add_(torch.exp(G[..., -1:]))
 
-    S = q.new_zeros(B, H, K, V) if S0 is None else S0
-    S_prev = []
-    for c in range(n):                               # S <- transition_c S + inject_c
-        S_prev.append(S)
-        S = torch.baddbmm(inject[:, :, c].flatten(0, 1), transition[:, :, c].flatten(0, 1),
-                          S.flatten(0, 1)).view(B, H, K, V)
-    S_prev = torch.stack(S_prev, dim=2).flatten(0, 2)                     # [B·H·n, K, V]
-    o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
-    o = o.view(B, H, n, chunk, V)
-    return from_chunks(o, T), S
+    return _pass_and_read(transition, inject, read, local, S0, T)
 
 
 def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
@@ -183,16 +174,25 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track):
     else:
         M = kW.neg_()
         M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., 0])
-    N, M = N.flatten(0, 1), M.flatten(0, 1)                               # [B·H, n, K, V|K]
+    return _pass_and_read(M, N, read, local, S0, T)
 
-    S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
+
+def _pass_and_read(M: Tensor, N: Tensor, read: Tensor, local: Tensor, S0: Tensor | None,
+                   T: int):
+    """The chunk-to-chunk pass ``S_c = M_c S_{c-1} + N_c`` (one fused multiply-add per chunk,
+    ``M [B, H, n, K, K]``, ``N [B, H, n, K, V]``) and every chunk's output
+    ``o = read @ S_prev + local`` (``read [B, H, n, C, K]``, ``local [B, H, n, C, V]``).
+    Returns ``(o [B, T, H, V], final state [B, H, K, V])``."""
+    B, H, n, K, V = N.shape
+    M, N = M.flatten(0, 1), N.flatten(0, 1)                               # [B·H, n, K, K|V]
+    S = N.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     S_prev = []
-    for c in range(n):                               # S <- M_c S + N_c
+    for c in range(n):
         S_prev.append(S)
         S = torch.baddbmm(N[:, c], M[:, c], S)
     S_prev = torch.stack(S_prev, dim=1).flatten(0, 1)                     # [B·H·n, K, V]
     o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
-    return from_chunks(o.view(B, H, n, chunk, V), T), S.view(B, H, K, V)
+    return from_chunks(o.view(*read.shape[:4], V), T), S.view(B, H, K, V)
 
 
 def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:

@@ -26,10 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (FACTOR_LIMIT, LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
+from ._chunking import (LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
                         decay_factors, decay_matrix, default_scale, exp_fast, from_chunks,
                         output_dtype, over_segments, segsum, sub_chunk_size, to_chunks,
-                        to_chunks_scaled)
+                        to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
 from .scan import blocked_scan
 
@@ -177,9 +177,9 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     if factors is not None:
         if g is not None:
             raise ValueError("give log_decay or decay_A/decay_dt, not both")
-        o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), factors, S0, chunk_size)
+        o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), factors, S0)
     elif g is not None and g.ndim == 5:
-        o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
+        o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), g, S0)
     elif g is not None and g.ndim == 4:
         o, S = over_segments(_chunked_per_key, (*_expand_heads(q * scale, k, v), g), S0,
                              chunk_size, v.shape[2])
@@ -226,7 +226,7 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
             # one decay per value head: the rows of q and k differ per value head, so q/k are
             # expanded (views for one shared head); r q kᵀ matmuls cost less than r [C, C]
             # decay passes
-            if bool(G.abs().amax() <= FACTOR_LIMIT):
+            if within_factor_limit(G):
                 return _chunked_scalar(*_expand_heads(q, k, v), g, S0, chunk, scale)
         else:
             factors = decay_factors(G, q.dtype)
@@ -335,17 +335,16 @@ def _chunked_per_key(q, k, v, g, S0, chunk):
     rides on the rows, ``(q_i ⊙ e^{G_i})·(k_j ⊙ e^{-G_j})``, and the whole chunk is three matmuls
     as for a scalar decay. ``G`` sums at most one chunk of log decays in the compute dtype, so
     ``e^{G_i}·e^{-G_j}`` is off by a few ulps of ``|G| <= FACTOR_LIMIT`` in the exponent:
-    ~1e-6 relative in fp32 at the limit, ~1e-7 for usual gates. Otherwise every exponent is kept <= 0: the
-    intra-chunk scores come from :func:`_intra_scores_per_key`. The chunk-to-chunk recurrence
-    is :func:`_pass_states`.
+    ~1e-6 relative in fp32 at the limit, ~1e-7 for usual gates. Otherwise every exponent is
+    kept <= 0: the intra-chunk scores come from :func:`_intra_scores_per_key`. The
+    chunk-to-chunk recurrence is :func:`_pass_states`.
     """
     B, T, H, K = q.shape
     vc = to_chunks(v, chunk)                                                    # [B, H, n, C, V]
     gc = to_chunks(g, chunk)                                                    # [B, H, n, C, K]
     n = vc.shape[2]
     G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
-    low, high = torch.aminmax(G)
-    if max(-float(low), float(high)) <= FACTOR_LIMIT:  # usual: the decay rides on q and k rows
+    if within_factor_limit(G):                            # usual: the decay rides on q and k rows
         e_G = exp_fast(G)
         e_negG = torch.reciprocal(e_G)                    # e^{-G} to 1 ulp, for one exp pass
         q_in = to_chunks_scaled(q, chunk, e_G)            # q_i e^{G_i}: reads S_prev too
@@ -389,8 +388,7 @@ def _intra_scores_per_key(q, k, g):
     tried = []
     for c in sorted({sub_chunk_size(C, size) for size in (16, 8, 4)}, reverse=True):
         L = g.reshape(*lead, C // c, c, K).cumsum(-2)             # [..., m, c, K]
-        low, high = torch.aminmax(L)
-        fits = max(-float(low), float(high)) <= FACTOR_LIMIT
+        fits = within_factor_limit(L)
         tried.append((c, L))
         if fits:
             break
@@ -428,15 +426,14 @@ def _intra_scores_per_key(q, k, g):
     return torch.cat(rows, dim=-2)                                       # [..., C, C]
 
 
-def _chunk_loop_state_decay(q, k, v, g, S0, chunk):
+def _chunk_loop_state_decay(q, k, v, g, S0):
     """[K, V] decays: the elementwise scan ``S_t = e^{g_t} ⊙ S_{t-1} + k_t v_tᵀ`` over windows.
 
     ``g`` is a ``[B, T, H, K|1, V|1]`` log decay or the factors ``(A [H, K, V], dt [B, T, H, V])``.
     Time is cut into windows of ``W`` steps (a power of two, at least 8) holding at most
-    :data:`WINDOW_ELEMENTS` state entries ``[B, W, H, K, V]`` where the state allows it (``chunk``
-    plays no part: the result does not depend on it); each window is one two-level
-    :func:`blocked_scan` from the state entering it, and its outputs ``S_tᵀ q_t`` one batched
-    product. So memory is
+    :data:`WINDOW_ELEMENTS` state entries ``[B, W, H, K, V]`` where the state allows it (the
+    caller's ``chunk_size`` plays no part); each window is one two-level :func:`blocked_scan`
+    from the state entering it, and its outputs ``S_tᵀ q_t`` one batched product. So memory is
     O(window · K · V) per head, never O(T · K · V), and the work is a few passes over the window
     in a few dozen ops (a step loop costs one op per step, on a state of a few thousand
     entries: dominated by per-op overhead on a CPU). With autograd each window is recomputed in
