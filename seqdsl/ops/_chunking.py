@@ -135,7 +135,7 @@ def within_factor_limit(G: Tensor) -> bool:
     """Whether every ``|G|`` (cumulative log decays) is within :data:`FACTOR_LIMIT`, so that
     ``e^G`` and ``e^{-G}`` may be formed separately. One scalar check (a host sync: cheap on a
     CPU, where these forms run)."""
-    low, high = torch.aminmax(G)
+    low, high = torch.aminmax(G.detach())
     return max(-float(low), float(high)) <= FACTOR_LIMIT
 
 

@@ -187,9 +187,9 @@ def _pass_and_read(M: Tensor, N: Tensor, read: Tensor, local: Tensor, S0: Tensor
     M, N = M.flatten(0, 1), N.flatten(0, 1)                               # [B·H, n, K, K|V]
     S = N.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
     S_prev = []
-    for c in range(n):
+    for M_c, N_c in zip(M.unbind(1), N.unbind(1)):  # (unbind: one stack in the backward)
         S_prev.append(S)
-        S = torch.baddbmm(N[:, c], M[:, c], S)
+        S = torch.baddbmm(N_c, M_c, S)
     S_prev = torch.stack(S_prev, dim=1).flatten(0, 1)                     # [B·H·n, K, V]
     o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
     return from_chunks(o.view(*read.shape[:4], V), T), S.view(B, H, K, V)
