@@ -182,14 +182,17 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     elif g is not None and g.ndim == 5:
         o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), g, S0)
     elif g is not None and g.ndim == 4:
-        o, S = _per_key(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
+        o, S = _with_decay_grad(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
+    elif g is not None:
+        _check_heads(q, k, v)
+        o, S = _with_decay_grad(q, k, v, g, S0, chunk_size, scale)
     else:
         _check_heads(q, k, v)
         o, S = over_segments(_chunked_scalar, (q, k, v, g), S0, chunk_size, v.shape[2], scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _chunked_scalar(q, k, v, g, S0, chunk, scale):
+def _chunked_scalar(q, k, v, g, S0, chunk, scale, strict=False):
     """Chunked form for no decay (``g`` None) or a scalar ``[B, T, H]`` log decay: the Mamba-2
     SSD algorithm, every chunk at once in a few large matmuls (``scale`` applied to the output).
 
@@ -211,7 +214,8 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
     (cumulative sums in float64, so that their differences ``G_i - G_j`` carry no cancellation
     error however strong the decay).
     Large temporaries are updated in place where autograd allows it: on a CPU every fresh
-    allocation of a few MB costs page faults comparable to the arithmetic on it.
+    allocation of a few MB costs page faults comparable to the arithmetic on it. ``strict``
+    drops the diagonal pairs ``(q_i·k_i) v_i`` from the output (for :class:`_DecayGrad`).
     """
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
@@ -227,7 +231,7 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
             # expanded (views for one shared head); r q kᵀ matmuls cost less than r [C, C]
             # decay passes
             if within_factor_limit(G):
-                return _chunked_scalar(*_expand_heads(q, k, v), g, S0, chunk, scale)
+                return _chunked_scalar(*_expand_heads(q, k, v), g, S0, chunk, scale, strict)
         else:
             factors = decay_factors(G, q.dtype)
 
@@ -235,7 +239,7 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
         e_G, e_negG = (f.mT for f in factors)                        # [B, Hq, n, C, 1]
         q_in = to_chunks_scaled(q, C, e_G * scale)                   # scale folded in: no pass on o
         k_back = to_chunks_scaled(k, C, e_negG)                      # k_j e^{-G_j}
-        scores = (q_in @ k_back.mT).tril_()                          # (q_i·k_j) e^{G_i - G_j}
+        scores = (q_in @ k_back.mT).tril_(-int(strict))              # (q_i·k_j) e^{G_i - G_j}
         # the writes decayed to the chunk end, e^{G_C} Σ_j k_j e^{-G_j} v_jᵀ: the factor e^{G_C}
         # is applied in the state pass, S_c = e^{G_C} (S_{c-1} + Σ_j ...)
         writes = k_back.mT @ vc                                      # [B, Hq, n, K, V]
@@ -250,7 +254,7 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale):
         return o, _ungroup_state(S, B)
 
     qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
-    scores = (qc @ kc.mT).tril_()                                    # [B, Hq, n, C, C]
+    scores = (qc @ kc.mT).tril_(-int(strict))                        # [B, Hq, n, C, C]
     if g is None:  # no decay: one causal score matrix for all r value heads
         o = scores @ vc                                              # [B, Hq, n, C, r·V]
         writes = kc.mT @ vc                                          # [B, Hq, n, K, r·V]
@@ -330,87 +334,118 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None,
     return writes, S
 
 
-def _per_key(q, k, v, g, S0, chunk):
-    """The chunked per-key form over segments; with :class:`_PerKeyDecayGrad` when the decay
-    itself needs a gradient."""
+def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
+    """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``) over time
+    segments; through :class:`_DecayGrad` when the decay itself needs a gradient."""
     if torch.is_grad_enabled() and g.requires_grad:
-        return _PerKeyDecayGrad.apply(q, k, v, g, S0, chunk)
-    return over_segments(_chunked_per_key, (q, k, v, g), S0, chunk, v.shape[2])
+        return _DecayGrad.apply(q, k, v, g, S0, chunk, scale)
+    return _decay_form(q, k, v, g, S0, chunk, scale, False)
 
 
-class _PerKeyDecayGrad(torch.autograd.Function):
-    """The per-key chunked form with a dedicated, cancellation-free gradient for the log decay.
+def _decay_form(q, k, v, g, S0, chunk, scale, strict):
+    if g.ndim == 4:   # per key: q arrives scaled
+        return over_segments(_chunked_per_key, (q, k, v, g), S0, chunk, v.shape[2], strict)
+    return over_segments(_chunked_scalar, (q, k, v, g), S0, chunk, v.shape[2], scale, strict)
 
-    Autograd through the factored form differentiates ``e^{G}`` and ``e^{-G}`` separately; so
-    does the usual identity ``∂L/∂G_t = q_t ⊙ ∂L/∂q_t - k_t ⊙ ∂L/∂k_t``. Both carry the O(1)
-    diagonal pair ``(q_t·k_t) v_t`` twice with opposite signs, while the true gradient of a strong
-    decay is of order ``e^{g}``: digits are lost as the decay grows (relative RMS 1e-5 at
-    -5/step, 2e-3 at -12/step). Here, with ``w_{ts} = q_t ⊙ k_s e^{G_t - G_s} (v_s·∂L/∂o_t)``
-    the contribution of the pair (query t, key s), the gradient of ``g_r`` is the sum over the
-    pairs that *span* step r, each of which carries its decay ``e^{g_r}`` once:
 
-        ∂L/∂g_r = Σ_{s<r<=t} w_{ts} + Σ_{t>=r} q_t e^{G_t} ⊙ (S_0 ∂L/∂o_t)          (output)
-                  + e^{G_T} ⊙ Σ_v S_0 ∂L/∂S_T + Σ_{s<r} e^{G_T - G_s} k_s ⊙ (∂L/∂S_T v_s)  (S_T)
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    """``[B, T, H, ...]`` -> ``[B, T, Hq, H / Hq, ...]``: value heads by the q/k head they read."""
+    return x.view(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
 
-    The output part is ``revcumsum(q ⊙ dq' - k ⊙ dk')`` over the *strictly* causal form (its
-    diagonal pairs dropped, so nothing of order 1 cancels): the forward runs that form under
-    autograd with the decay held constant and adds the diagonal pairs; the backward takes the
-    strict form's q, k, v and initial-state gradients from its graph, then adds the diagonal
-    pairs' and the final state's gradients in closed form. The cumulative sums run in float64.
+
+class _DecayGrad(torch.autograd.Function):
+    """A chunked decayed form with a dedicated, cancellation-free gradient for the log decay.
+
+    The loss depends on the cumulative log decay ``G_t = Σ_{s<=t} g_s`` only through the pairs
+    (query t, key s <= t), each weighted by ``e^{G_t - G_s}``, the reads of the initial state
+    (``e^{G_t}``) and the final state ``S_T = e^{G_T} S_0 + Σ_s e^{G_T - G_s} k_s v_sᵀ``. The
+    usual identities (per key: ``∂L/∂G_t = q_t ⊙ ∂L/∂q_t - k_t ⊙ ∂L/∂k_t``; scalar: the same
+    with the decay on the value side, ``Σ_v o_t ⊙ ∂L/∂o_t - v_t ⊙ ∂L/∂v_t``), and autograd
+    through the factored form alike, carry the O(1) diagonal pair ``(q_t·k_t) v_t`` twice with
+    opposite signs, while the gradient of a strong decay is of order ``e^{g}``: digits are lost
+    as the decay grows (per key: relative RMS 1e-5 at -5/step, 2e-3 at -12/step; scalar 1e-4 at
+    -8/step). The gradient of ``g_r`` is instead the sum over the pairs that *span* step r,
+    each of which carries ``e^{g_r}`` once:
+
+        ∂L/∂g_r = Σ_{s<r<=t} w_{ts} + Σ_{t>=r} (reads of S_0 at t)                  (output)
+                  + e^{G_T} Σ_v S_0 ⊙ ∂L/∂S_T + Σ_{s<r} e^{G_T - G_s} k_s ⊙ (∂L/∂S_T v_s)  (S_T)
+
+    with ``w_{ts}`` the pair's contribution to the loss (per key dim for a per-key decay). The
+    output part is the reverse cumulative sum of the identity above taken over the *strictly*
+    causal form (its diagonal pairs dropped, so nothing of order 1 cancels): the forward runs
+    that form under autograd with the decay held constant and adds the diagonal pairs; the
+    backward takes the strict form's q, k, v and initial-state gradients from its graph, then
+    adds the diagonal pairs' and the final state's gradients in closed form. The cumulative sums
+    run in float64. q/k may be shared by groups of value heads (scalar decay only).
     """
 
     @staticmethod
-    def _strict(q, k, v, g, S0, chunk):
+    def _strict(q, k, v, g, S0, chunk, scale):
         """The strict form's output under autograd, with the decay held constant, and its
         leaves (q, k, v and the initial state if any)."""
         leaves = [x.detach().requires_grad_() for x in (q, k, v, S0) if x is not None]
         with torch.enable_grad():
-            o_strict, S = over_segments(_chunked_per_key, (*leaves[:3], g.detach()),
-                                        leaves[3] if S0 is not None else None, chunk,
-                                        v.shape[2], True)
+            o_strict, S = _decay_form(*leaves[:3], g.detach(),
+                                      leaves[3] if S0 is not None else None, chunk, scale, True)
         return o_strict, S, leaves
 
     @staticmethod
-    def forward(ctx, q, k, v, g, S0, chunk):
-        o_strict, S, leaves = _PerKeyDecayGrad._strict(q, k, v, g, S0, chunk)
-        ctx.graph, ctx.chunk = (o_strict, leaves), chunk
+    def forward(ctx, q, k, v, g, S0, chunk, scale):
+        o_strict, S, leaves = _DecayGrad._strict(q, k, v, g, S0, chunk, scale)
+        ctx.graph, ctx.chunk, ctx.scale = (o_strict, leaves), chunk, scale
         ctx.save_for_backward(q, k, v, g, S0)
         ctx.set_materialize_grads(False)     # dS None when the final state is not used
-        diagonal = (q * k).sum(-1, keepdim=True) * v                 # (q_t·k_t) v_t
-        return o_strict.detach() + diagonal, S.detach()
+        qk = (q * k).sum(-1)                                         # [B, T, Hq]
+        diagonal = _grouped(v, q.shape[2]) * (scale * qk)[..., None, None]   # (q_t·k_t) v_t
+        return o_strict.detach() + diagonal.view(v.shape), S.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS):
         q, k, v, g, S0 = ctx.saved_tensors
+        scale, Hq, per_key = ctx.scale, q.shape[2], g.ndim == 4
         # the forward's graph, used once; a second backward (retain_graph) rebuilds it
-        o_strict, leaves = ctx.graph or _PerKeyDecayGrad._strict(q, k, v, g, S0, ctx.chunk)[::2]
+        o_strict, leaves = (ctx.graph
+                            or _DecayGrad._strict(q, k, v, g, S0, ctx.chunk, scale)[::2])
         ctx.graph = None
         if do is None:
             do = torch.zeros_like(o_strict)
         dq, dk, dv, *dS0 = torch.autograd.grad(o_strict, leaves, do, allow_unused=True,
                                                materialize_grads=True)
         dS0 = dS0[0] if dS0 else None
-        dG = (q * dq - k * dk).to(torch.float64)                     # [B, T, H, K]
-        dg = dG.flip(1).cumsum(1).flip(1)                            # Σ_{t >= r}
-        vdo = (v * do).sum(-1, keepdim=True)                         # the diagonal pairs
+        if per_key:
+            dG = q * dq - k * dk                                     # [B, T, H, K]
+        else:
+            dG = (o_strict.detach() * do).sum(-1) - (v * dv).sum(-1)   # [B, T, H]
+        dg = dG.to(torch.float64).flip(1).cumsum(1).flip(1)          # Σ_{t >= r}
+        # the diagonal pairs, scale (q_t·k_t) v_t
+        vdo = _grouped((v * do).sum(-1), Hq).sum(-1, keepdim=True) * scale   # [B, T, Hq, 1]
         dq = dq + k * vdo
         dk = dk + q * vdo
-        dv = dv + (q * k).sum(-1, keepdim=True) * do
+        qk = (q * k).sum(-1)[..., None, None] * scale                 # [B, T, Hq, 1, 1]
+        dv = dv + (_grouped(do, Hq) * qk).view(do.shape)
         if dS is not None:                                           # S_T's dependence
             to_end = cumsum_to_end(g.to(torch.float64), 1)           # G_T - G_s, no cancellation
-            e_end = torch.exp(to_end).to(k.dtype)
-            k_end = k * e_end                                        # k_s e^{G_T - G_s}
+            e_end = torch.exp(to_end).to(k.dtype)                    # [B, T, H(, K)]
+            if not per_key:
+                e_end = e_end[..., None]
+            B, T, H = v.shape[:3]                                    # k of each value head:
+            k_heads = k[:, :, :, None].expand(B, T, Hq, H // Hq, -1).reshape(B, T, H, -1)
             dS_v = torch.einsum("bhkv,bthv->bthk", dS, v)            # ∂L/∂S_T v_s
-            dk = dk + e_end * dS_v
-            dv = dv + torch.einsum("bhkv,bthk->bthv", dS, k_end)
-            span = (k_end * dS_v).to(torch.float64)
+            dk = dk + _grouped(e_end * dS_v, Hq).sum(3)
+            dv = dv + torch.einsum("bhkv,bthk->bthv", dS, k_heads * e_end)
+            span = (k_heads * e_end * dS_v).to(torch.float64)
+            if not per_key:
+                span = span.sum(-1)
             dg = dg + (span.cumsum(1) - span)                        # Σ_{s < r}
             if S0 is not None:
-                total = torch.exp(g.to(torch.float64).sum(1)).to(S0.dtype)   # e^{G_T}
-                dS0 = dS0 + total[..., None] * dS
-                dg = dg + (total * (S0 * dS).sum(-1)).to(torch.float64)[:, None]
-        return dq, dk, dv, dg.to(g.dtype), dS0, None
+                total = torch.exp(g.to(torch.float64).sum(1))        # e^{G_T}: [B, H(, K)]
+                S0dS = (S0 * dS).sum(-1).to(torch.float64)           # [B, H, K]
+                if not per_key:
+                    total, S0dS = total[..., None], S0dS.sum(-1)
+                dS0 = dS0 + total.to(dS.dtype)[..., None] * dS
+                dg = dg + (total[..., 0] * S0dS if not per_key else total * S0dS)[:, None]
+        return dq, dk, dv, dg.to(g.dtype), dS0, None, None
 
 
 def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
@@ -426,7 +461,7 @@ def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
     ~1e-6 relative in fp32 at the limit, ~1e-7 for usual gates. Otherwise every exponent is
     kept <= 0: the intra-chunk scores come from :func:`_intra_scores_per_key`. The
     chunk-to-chunk recurrence is :func:`_pass_states`. ``strict`` drops the diagonal pairs
-    ``(q_i·k_i) v_i`` from the output (for :class:`_PerKeyDecayGrad`).
+    ``(q_i·k_i) v_i`` from the output (for :class:`_DecayGrad`).
     """
     B, T, H, K = q.shape
     vc = to_chunks(v, chunk)                                                    # [B, H, n, C, V]
