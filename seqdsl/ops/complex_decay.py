@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from ._chunking import compute_dtype, default_scale, output_dtype
+from ._chunking import compute_dtype, default_scale, output_dtype, over_segments
 from ._varlen import varlen_call
-from .linear import linear, linear_ref
+from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
 
 Tensor = torch.Tensor
 
@@ -77,15 +77,53 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     if initial_state is not None:
         S0 = initial_state.to(cplx)
         S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
+    scale = default_scale(scale, K)
+    rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                      # e^{iΦ_T}
+    if inner is None and torch.is_grad_enabled() and (phase.requires_grad
+                                                      or log_magnitude.requires_grad):
+        o, S = _strict_with_own_writes(q, k, v.to(real), q2 * scale, k2, g2, S0, rot,
+                                       chunk_size, scale)
+        return o.to(_real_dtype(q, k, v)), (S if output_final_state else None)
     if inner is None:
         inner = functools.partial(linear, chunk_size=chunk_size)
-    o, S = inner(q2, k2, v.to(real), g2, scale=default_scale(scale, K), initial_state=S0,
-                output_final_state=output_final_state)
+    o, S = inner(q2, k2, v.to(real), g2, scale=scale, initial_state=S0,
+                 output_final_state=output_final_state)
     if S is not None:
         # S_T = e^{iΦ_T} (S'_re + i S'_im): [B, H, 2K, V] -> [B, H, K, V] complex
-        rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                  # e^{iΦ_T}
         S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
     return o.to(_real_dtype(q, k, v)), S
+
+
+def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale):
+    """The lowered form with each step's own write taken out of the rotation, for gradients.
+
+    A step's own write reaches its output as ``Re(q_t·k_t) v_t`` and the final state as
+    ``k_T v_Tᵀ``, with neither decay nor rotation; through the lowered form they would carry
+    ``e^{±iΦ}`` (and ``e^{±G}``) factors whose derivatives cancel to O(1), while the gradient
+    of a strong decay's phase or magnitude is of order ``e^{g}`` (3e-4 relative RMS at
+    -8/step). Here the chunked form runs *strict* (no diagonal pairs) over the first T - 1
+    steps, the last step is the decay of that state, and the own writes are added directly:
+    plain autograd on this has no O(1) cancellation.
+    """
+    q2, k2, v = _expand_heads(q2, k2, v)
+    q, k, _ = _expand_heads(q, k, v)
+    K, H = q.shape[-1], v.shape[2]
+    S = S0
+    o_head = None
+    if q2.shape[1] > 1:
+        o_head, S = over_segments(_chunked_per_key, (q2[:, :-1], k2[:, :-1], v[:, :-1],
+                                                     g2[:, :-1]), S, chunk, H, True)
+    if S is None:
+        S = q2.new_zeros(q2.shape[0], H, 2 * K, v.shape[-1])
+    S = torch.exp(g2[:, -1])[..., None] * S                          # [B, H, 2K, V]
+    o_T = torch.einsum("bhk,bhkv->bhv", q2[:, -1], S)[:, None]
+    o_strict = o_T if o_head is None else torch.cat([o_head, o_T], dim=1)
+    own = (q * k).sum(-1)                                            # [B, T, H]
+    own = own.real if own.is_complex() else own
+    o = o_strict + (scale * own.to(v.dtype))[..., None] * v          # + Re(q_t·k_t) v_t
+    last = k[:, -1, :, :, None].to(rot.dtype) * v[:, -1, :, None, :]  # k_T v_Tᵀ
+    S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + last
+    return o, S
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:
