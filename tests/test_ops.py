@@ -392,7 +392,7 @@ def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):
     paths, with and without an initial state, the final state used by the loss or not returned."""
     T, H, K, V = 21, 2, 3, 2
     q, k = (_randn(1, T, heads, K, seed=s).double() for s in (1, 2))
-    v = _randn(1, T, H, V, seed=3).double()
+    v = _randn(1, T, V, H, seed=3).double().transpose(2, 3)      # not contiguous
     shape = (1, T, H, K) if decay == "key" else (1, T, H)
     g = (-rate * (0.5 + torch.rand(shape, generator=_gen(4)))).double()
     S0 = _randn(1, H, K, V, seed=5).double() if with_state else None

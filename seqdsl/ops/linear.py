@@ -350,7 +350,7 @@ def _decay_form(q, k, v, g, S0, chunk, scale, strict):
 
 def _grouped(x: Tensor, groups: int) -> Tensor:
     """``[B, T, H, ...]`` -> ``[B, T, Hq, H / Hq, ...]``: value heads by the q/k head they read."""
-    return x.view(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
+    return x.reshape(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
 
 
 class _DecayGrad(torch.autograd.Function):
