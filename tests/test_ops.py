@@ -383,6 +383,22 @@ def test_per_key_decay_sub_chunk_sizes(rate):
         assert_close(actual, expected, FP32, f"per-key decay ~{-rate}/step: {name}")
 
 
+def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state):
+    """``torch.autograd.gradcheck`` of ``core(*leaves[:n_inputs], initial_state=leaves[n_inputs]
+    if given, output_final_state=with_state)`` at chunk size 4, with segments of 8 steps (the
+    time split of :func:`over_segments` exercised: T = 21 runs as 8, 8, 5)."""
+    def f(*xs):
+        rest = xs[n_inputs:]
+        o, S = core(*xs[:n_inputs], initial_state=rest[0] if rest else None,
+                    output_final_state=with_state, chunk_size=4)
+        return (o, S) if with_state else o
+
+    chunking = importlib.import_module("seqdsl.ops._chunking")
+    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
+    assert torch.autograd.gradcheck(f, leaves)
+
+
 @pytest.mark.parametrize("decay, heads", [("key", 2), ("scalar", 2), ("scalar", 1)])
 @pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
 def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):
@@ -398,16 +414,7 @@ def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):
     S0 = _randn(1, H, K, V, seed=5).double() if with_state else None
     leaves = [x.requires_grad_() for x in (q, k, v, g, S0) if x is not None]
 
-    def f(*xs):
-        q, k, v, g, *rest = xs
-        o, S = ops.linear(q, k, v, g, initial_state=rest[0] if rest else None,
-                          output_final_state=with_state, chunk_size=4)
-        return (o, S) if with_state else o
-
-    chunking = importlib.import_module("seqdsl.ops._chunking")
-    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 2)   # segments of 8 steps: 8, 8, 5
-    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
-    assert torch.autograd.gradcheck(f, leaves)
+    _gradcheck_chunked(monkeypatch, ops.linear, leaves, 4, with_state)
 
 
 @pytest.mark.parametrize("heads", [H, 1])
@@ -488,16 +495,7 @@ def test_complex_gradcheck(monkeypatch, T, complex_qk, rate, with_state):
         torch.complex128) if with_state else None
     leaves = [x.requires_grad_() for x in (q, k, v, lm, phase, S0) if x is not None]
 
-    def f(*xs):
-        q, k, v, lm, phase, *rest = xs
-        o, S = ops.linear_complex(q, k, v, lm, phase, initial_state=rest[0] if rest else None,
-                                  output_final_state=with_state, chunk_size=4)
-        return (o, S) if with_state else o
-
-    chunking = importlib.import_module("seqdsl.ops._chunking")
-    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 2)
-    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
-    assert torch.autograd.gradcheck(f, leaves)
+    _gradcheck_chunked(monkeypatch, ops.linear_complex, leaves, 5, with_state)
 
 
 @pytest.mark.parametrize("T", [21, 1])
@@ -515,16 +513,7 @@ def test_delta_gate_gradcheck(monkeypatch, T, rate, with_state):
     S0 = _randn(1, H, K, V, seed=5).double() if with_state else None
     leaves = [x.requires_grad_() for x in (q, k, v, beta, g, S0) if x is not None]
 
-    def f(*xs):
-        q, k, v, beta, g, *rest = xs
-        o, S = ops.delta(q, k, v, beta, g, initial_state=rest[0] if rest else None,
-                         output_final_state=with_state, chunk_size=4)
-        return (o, S) if with_state else o
-
-    chunking = importlib.import_module("seqdsl.ops._chunking")
-    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 2)
-    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
-    assert torch.autograd.gradcheck(f, leaves)
+    _gradcheck_chunked(monkeypatch, ops.delta, leaves, 5, with_state)
 
 
 def test_delta_strong_gate_no_overflow():
