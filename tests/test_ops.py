@@ -378,14 +378,16 @@ def test_per_key_decay_sub_chunk_sizes(rate):
     5.0), or fall back to exact pairwise decays (12.0). Outputs, state and every gradient against
     the float64 loop, through a loss on both the output and the final state: the decay's own
     gradient is of order e^{-rate} while its naive form (q·dq - k·dk) cancels O(1) terms, so this
-    fails without the dedicated backward (it measured 1.2e-5 at -2.5/step, 1.8e-3 at -12)."""
+    fails without the strict form plus own writes (it measured 1.2e-5 at -2.5/step, 1.8e-3 at
+    -12)."""
     for name, actual, expected in _per_key_decay_errors(rate):
         assert_close(actual, expected, FP32, f"per-key decay ~{-rate}/step: {name}")
 
 
-def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state):
-    """``torch.autograd.gradcheck`` of ``core(*leaves[:n_inputs], initial_state=leaves[n_inputs]
-    if given, output_final_state=with_state)`` at chunk size 4, with segments of 8 steps (the
+def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state, second_order=False):
+    """``torch.autograd.gradcheck`` (and ``gradgradcheck`` with ``second_order``) of
+    ``core(*leaves[:n_inputs], initial_state=leaves[n_inputs] if given,
+    output_final_state=with_state)`` at chunk size 4, with segments of 8 steps (the
     time split of :func:`over_segments` exercised: T = 21 runs as 8, 8, 5)."""
     def f(*xs):
         rest = xs[n_inputs:]
@@ -397,14 +399,16 @@ def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state):
     monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 2)
     monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
     assert torch.autograd.gradcheck(f, leaves)
+    if second_order:        # double backward through the decay too (no custom backward)
+        assert torch.autograd.gradgradcheck(f, leaves)
 
 
 @pytest.mark.parametrize("decay, heads", [("key", 2), ("scalar", 2), ("scalar", 1)])
 @pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
 def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):
-    """The dedicated decay backward (:class:`_DecayGrad`) against finite differences in float64:
-    per-key and scalar decays, q/k per value head or shared by two (``heads`` = 1), several
-    chunks and time segments, the factored (0.3/step) and decay-matrix / pairwise (12/step)
+    """The decay's gradient (strict form plus own writes, :func:`strict_then_last`) against
+    finite differences in float64: per-key and scalar decays, q/k per value head or shared by
+    two (``heads`` = 1), several chunks and time segments, the factored (0.3/step) and decay-matrix / pairwise (12/step)
     paths, with and without an initial state, the final state used by the loss or not returned."""
     T, H, K, V = 21, 2, 3, 2
     q, k = (_randn(1, T, heads, K, seed=s).double() for s in (1, 2))
@@ -501,7 +505,7 @@ def test_complex_gradcheck(monkeypatch, T, complex_qk, rate, with_state):
 @pytest.mark.parametrize("T", [21, 1])
 @pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
 def test_delta_gate_gradcheck(monkeypatch, T, rate, with_state):
-    """delta's dedicated gate backward (:class:`_GateGrad`) against finite differences in
+    """delta's gate gradient (strict form plus own writes) against finite differences in
     float64: several chunks and segments (or one step), the factored and decay-matrix paths, β
     in (0, 2), with and without an initial state, the final state in the loss or not returned."""
     H, K, V = 2, 3, 2
@@ -514,6 +518,31 @@ def test_delta_gate_gradcheck(monkeypatch, T, rate, with_state):
     leaves = [x.requires_grad_() for x in (q, k, v, beta, g, S0) if x is not None]
 
     _gradcheck_chunked(monkeypatch, ops.delta, leaves, 5, with_state)
+
+
+@pytest.mark.parametrize("core", ["linear key", "linear scalar", "delta", "complex"])
+@pytest.mark.parametrize("rate", [0.3, 12.0])
+def test_decay_double_backward(monkeypatch, core, rate):
+    """Second derivatives through a decay that requires a gradient (``gradgradcheck``, float64):
+    the exact decay gradients are plain autograd, so double backward works (T = 9 at chunk 4:
+    three chunks over two time segments; the final state in the loss)."""
+    T, H, K, V = 9, 2, 3, 2
+    q, k = (_randn(1, T, H, K, seed=s).double() for s in (1, 2))
+    v = _randn(1, T, H, V, seed=3).double()
+    shape = (1, T, H) if core in ("linear scalar", "delta") else (1, T, H, K)
+    g = (-rate * (0.5 + torch.rand(shape, generator=_gen(4)))).double()
+    S0 = _randn(1, H, K, V, seed=5).double()
+    if core.startswith("linear"):
+        fn, xs = ops.linear, [q[:, :, :1] if core == "linear scalar" else q,
+                              k[:, :, :1] if core == "linear scalar" else k, v, g]
+    elif core == "delta":
+        beta = 2 * torch.rand(1, T, H, generator=_gen(6)).double()
+        fn, xs = ops.delta, [q, F.normalize(k, dim=-1), v, beta, g]
+    else:
+        fn, xs, S0 = ops.linear_complex, [q, k, v, g, _randn(1, T, H, K, seed=6).double()], \
+            S0.to(torch.complex128)
+    leaves = [x.requires_grad_() for x in (*xs, S0)]
+    _gradcheck_chunked(monkeypatch, fn, leaves, len(xs), True, second_order=True)
 
 
 def test_delta_strong_gate_no_overflow():

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._chunking import compute_dtype, default_scale, output_dtype, over_segments
+from ._chunking import compute_dtype, default_scale, output_dtype, strict_then_last
 from ._varlen import varlen_call
 from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
 
@@ -101,29 +101,27 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale):
     ``k_T v_Tᵀ``, with neither decay nor rotation; through the lowered form they would carry
     ``e^{±iΦ}`` (and ``e^{±G}``) factors whose derivatives cancel to O(1), while the gradient
     of a strong decay's phase or magnitude is of order ``e^{g}`` (3e-4 relative RMS at
-    -8/step). Here the chunked form runs *strict* (no diagonal pairs) over the first T - 1
-    steps, the last step is the decay of that state, and the own writes are added directly:
-    plain autograd on this has no O(1) cancellation.
+    -8/step). So the strict lowered form runs through :func:`strict_then_last` (the last step
+    is the decay of ``S_{T-1}``) and the own writes are added directly, the last one after the
+    rotation back to the complex state.
     """
     q2, k2, v = _expand_heads(q2, k2, v)
     q, k, _ = _expand_heads(q, k, v)
-    K, H = q.shape[-1], v.shape[2]
-    S = S0
-    o_head = None
-    if q2.shape[1] > 1:
-        o_head, S = over_segments(_chunked_per_key, (q2[:, :-1], k2[:, :-1], v[:, :-1],
-                                                     g2[:, :-1]), S, chunk, H, True)
-    if S is None:
-        S = q2.new_zeros(q2.shape[0], H, 2 * K, v.shape[-1])
-    S = torch.exp(g2[:, -1])[..., None] * S                          # [B, H, 2K, V]
-    o_T = torch.einsum("bhk,bhkv->bhv", q2[:, -1], S)[:, None]
-    o_strict = o_T if o_head is None else torch.cat([o_head, o_T], dim=1)
+    B, _, H, K = q.shape
+
+    def last(S, q_T, k_T, v_T, g_T):
+        if S is None:
+            S = q2.new_zeros(B, H, 2 * K, v.shape[-1])
+        S = torch.exp(g_T)[..., None] * S                            # e^{g_T} ⊙ S'_{T-1}
+        # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
+        write = k[:, -1, :, :, None].to(rot.dtype) * v_T[:, :, None, :]
+        S_T = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + write
+        return torch.einsum("bhk,bhkv->bhv", q_T, S), S_T
+
+    o, S = strict_then_last(_chunked_per_key, (q2, k2, v, g2), S0, chunk, H, (True,), last)
     own = (q * k).sum(-1)                                            # [B, T, H]
     own = own.real if own.is_complex() else own
-    o = o_strict + (scale * own.to(v.dtype))[..., None] * v          # + Re(q_t·k_t) v_t
-    last = k[:, -1, :, :, None].to(rot.dtype) * v[:, -1, :, None, :]  # k_T v_Tᵀ
-    S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + last
-    return o, S
+    return o.addcmul_((scale * own.to(v.dtype))[..., None], v), S    # + Re(q_t·k_t) v_t
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:

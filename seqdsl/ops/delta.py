@@ -15,10 +15,10 @@ interleaved sequence of length ``T · steps`` (:func:`delta_interleave`).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
-                        from_chunks, output_dtype, over_segments, to_chunks, to_chunks_scaled)
+                        from_chunks, output_dtype, over_segments, strict_then_last, to_chunks,
+                        to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -81,115 +81,36 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
     q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state,
                                                       scale)
     if torch.is_grad_enabled() and g.requires_grad:
-        o, S = _GateGrad.apply(q, k, v, beta, g, S0, chunk_size, scale)
+        o, S = _with_own_writes(q, k, v, beta, g, S0, chunk_size, scale)
     else:
         o, S = over_segments(_delta_chunked, (q, k, v, beta, g), S0, chunk_size, q.shape[2],
                              scale)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-class _GateGrad(torch.autograd.Function):
-    """The chunked delta rule with a dedicated, cancellation-free gradient for the gate.
+def _with_own_writes(q, k, v, beta, g, S0, chunk, scale):
+    """The chunked form with each step's own write, ``scale β_t (q_t·k_t) v_t`` in ``o_t`` and
+    ``β_T k_T v_Tᵀ`` in ``S_T``, added outside the gate's factors (:func:`strict_then_last`),
+    for a gate that needs a gradient: through the factored gate those terms carry two O(1)
+    contributions to the gate's gradient that cancel, where the gradient of a strong gate is of
+    order ``e^{g}`` (relative RMS 1e-4 at -8/step). The strict outputs are
+    ``(tril(P, -1) - P_ii tril(A, -1)) U`` (:func:`_scores_times`)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
 
-    With ``S̃_t = e^{-G_t} S_t`` the recurrence is ungated in ``ṽ_t = e^{-G_t} v_t`` and the loss
-    depends on the cumulative log gate only through ``ṽ``, the outputs ``o_t = e^{G_t}·(..)``
-    and the final state ``S_T = e^{G_T} S̃_T``, so that exactly
+    def last(S, q_T, k_T, v_T, b_T, g_T):    # S_T = e^{g_T}(I - β_T k_T k_Tᵀ) S + β_T k_T v_Tᵀ
+        bk = b_T[..., None] * k_T
+        write = bk[..., None] * v_T[:, :, None]
+        if S is None:
+            return v_T.new_zeros(B, H, V), write
+        kS = torch.einsum("bhk,bhkv->bhv", k_T, S)
+        S = (S - bk[..., None] * kS[:, :, None]) * torch.exp(g_T)[..., None, None]
+        return torch.einsum("bhk,bhkv->bhv", q_T, S) * scale, S + write
 
-        ∂L/∂G_t = Σ_v o_t ⊙ ∂L/∂o_t - Σ_v v_t ⊙ ∂L/∂v_t   (+ Σ S_T ⊙ ∂L/∂S_T at t = T)
-
-    Both sides carry the ungated terms of each step's own write, ``scale β_t (q_t·k_t) v_t`` in
-    ``o_t`` and ``β_T k_T v_Tᵀ`` in ``S_T``, with opposite signs: O(1) terms that cancel, where
-    the gradient of a strong gate is of order ``e^{g}`` (plain autograd: relative RMS 1e-4 at
-    -8/step). So the identity is taken over the *strict* form, which leaves those terms out:
-    the chunked form with ``strict`` for the outputs (the forward builds its graph, gate held
-    constant, and adds the own writes back) and, only when the loss reads the final state, the
-    backward builds ``e^{g_T}(I - β_T k_T k_Tᵀ) S_{T-1}`` from the first T - 1 steps. The q, k,
-    v, β and initial-state gradients come from those graphs plus the two terms' gradients in
-    closed form; the gate's is the reverse cumulative sum of the identity in float64.
-    """
-
-    @staticmethod
-    def _leaves(q, k, v, beta, S0):
-        return [x.detach().requires_grad_() for x in (q, k, v, beta, S0) if x is not None]
-
-    @staticmethod
-    def _strict(q, k, v, beta, g, S0, chunk, scale):
-        """The strict output and the final state, under autograd with the gate held constant."""
-        leaves = _GateGrad._leaves(q, k, v, beta, S0)
-        with torch.enable_grad():
-            o_strict, S = over_segments(_delta_chunked, (*leaves[:4], g.detach()),
-                                        leaves[4] if S0 is not None else None, chunk,
-                                        q.shape[2], scale, True)
-        return o_strict, S, leaves
-
-    @staticmethod
-    def _strict_final(q, k, v, beta, g, S0, chunk, scale):
-        """The final state without the last write, ``e^{g_T}(I - β_T k_T k_Tᵀ) S_{T-1}``, under
-        autograd with the gate held constant: built only when the loss reads the final state."""
-        leaves = _GateGrad._leaves(q, k, v, beta, S0)
-        q_, k_, v_, b_ = leaves[:4]
-        S = leaves[4] if S0 is not None else None
-        g = g.detach()
-        with torch.enable_grad():
-            if q.shape[1] > 1:
-                _, S = over_segments(_delta_chunked, tuple(x[:, :-1] for x in
-                                                           (q_, k_, v_, b_, g)),
-                                     S, chunk, q.shape[2], scale)
-            if S is None:
-                S = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])  # [B,H,K,V]
-            k_T = k_[:, -1]                                                  # [B, H, K]
-            kS = torch.einsum("bhk,bhkv->bhv", k_T, S)
-            X = (S - (b_[:, -1, :, None] * k_T)[..., None] * kS[:, :, None, :]) \
-                * torch.exp(g[:, -1])[..., None, None]
-        return X, leaves
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, g, S0, chunk, scale):
-        o_strict, S, leaves = _GateGrad._strict(q, k, v, beta, g, S0, chunk, scale)
-        ctx.graph, ctx.chunk, ctx.scale = (o_strict, leaves), chunk, scale
-        ctx.save_for_backward(q, k, v, beta, g, S0)
-        ctx.set_materialize_grads(False)
-        own = (scale * beta * (q * k).sum(-1))[..., None] * v           # scale β_t (q_t·k_t) v_t
-        return o_strict.detach() + own, S.detach()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dS):
-        q, k, v, beta, g, S0 = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        # the forward's graph, used once; a second backward (retain_graph) rebuilds it
-        o_strict, leaves = ctx.graph or _GateGrad._strict(q, k, v, beta, g, S0, chunk, scale)[::2]
-        ctx.graph = None
-        n = len(leaves)
-        grads = [torch.zeros_like(x) for x in leaves]
-        dG = torch.zeros_like(g)                                         # [B, T, H]
-        if do is not None:
-            grads = list(torch.autograd.grad(o_strict, leaves, do, allow_unused=True,
-                                             materialize_grads=True))
-            dG = dG + (o_strict.detach() * do).sum(-1)
-        if dS is not None:
-            X, leaves_X = _GateGrad._strict_final(q, k, v, beta, g, S0, chunk, scale)
-            more = torch.autograd.grad(X, leaves_X, dS, allow_unused=True,
-                                       materialize_grads=True)
-            grads = [a + b for a, b in zip(grads, more)]
-            dG[:, -1] += (X.detach() * dS).sum((-2, -1))
-        dq, dk, dv, dbeta = grads[:4]
-        dS0 = grads[4] if n > 4 else None
-        dG = dG - (v * dv).sum(-1)                      # before the own writes' terms below
-        if do is not None:                              # scale β_t (q_t·k_t) v_t
-            vdo = (v * do).sum(-1)
-            qk = (q * k).sum(-1)
-            dq = dq + (scale * beta * vdo)[..., None] * k
-            dk = dk + (scale * beta * vdo)[..., None] * q
-            dv = dv + (scale * beta * qk)[..., None] * do
-            dbeta = dbeta + scale * qk * vdo
-        if dS is not None:                              # β_T k_T v_Tᵀ
-            dS_v = torch.einsum("bhkv,bhv->bhk", dS, v[:, -1])
-            dk[:, -1] += beta[:, -1, :, None] * dS_v
-            dv[:, -1] += beta[:, -1, :, None] * torch.einsum("bhkv,bhk->bhv", dS, k[:, -1])
-            dbeta[:, -1] += (k[:, -1] * dS_v).sum(-1)
-        dg = dG.to(torch.float64).flip(1).cumsum(1).flip(1)              # Σ_{t >= r}
-        return dq, dk, dv, dbeta, dg.to(g.dtype), dS0, None, None
+    o, S = strict_then_last(_delta_chunked, (q, k, v, beta, g), S0, chunk, H, (scale, True),
+                            last)
+    own = (scale * beta * (q * k).sum(-1))[..., None]
+    return o.addcmul_(own, v), S             # + scale β_t (q_t·k_t) v_t, in place on the output
 
 
 def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
@@ -207,7 +128,8 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
     :func:`_unit_lower_solve`. Everything but the chunk-to-chunk pass is batched over chunks;
     that pass is an affine map ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a
     loop over chunks (:func:`_pass_and_read`). ``strict`` (under autograd, for
-    :class:`_GateGrad`) leaves each step's own write ``scale β_i (q_i·k_i) v_i`` out of its output.
+    :func:`_with_own_writes`) leaves each step's own write ``scale β_i (q_i·k_i) v_i`` out of
+    its output.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

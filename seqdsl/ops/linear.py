@@ -25,12 +25,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ._chunking import (LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
                         decay_factors, decay_matrix, default_scale, exp_fast, from_chunks,
-                        output_dtype, over_segments, segsum, sub_chunk_size, to_chunks,
-                        to_chunks_scaled, within_factor_limit)
+                        output_dtype, over_segments, segsum, strict_then_last, sub_chunk_size,
+                        to_chunks, to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
 from .scan import blocked_scan
 
@@ -215,7 +214,7 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale, strict=False):
     error however strong the decay).
     Large temporaries are updated in place where autograd allows it: on a CPU every fresh
     allocation of a few MB costs page faults comparable to the arithmetic on it. ``strict``
-    drops the diagonal pairs ``(q_i·k_i) v_i`` from the output (for :class:`_DecayGrad`).
+    drops the diagonal pairs ``(q_i·k_i) v_i`` from the output (for :func:`_with_decay_grad`).
     """
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
@@ -335,117 +334,35 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None,
 
 
 def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
-    """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``) over time
-    segments; through :class:`_DecayGrad` when the decay itself needs a gradient."""
-    if torch.is_grad_enabled() and g.requires_grad:
-        return _DecayGrad.apply(q, k, v, g, S0, chunk, scale)
-    return _decay_form(q, k, v, g, S0, chunk, scale, False)
+    """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``, q then
+    arriving scaled) over time segments. When the decay itself needs a gradient, the strict form
+    with each step's own write ``scale (q_t·k_t) v_t`` (and ``k_T v_Tᵀ`` in the final state)
+    added outside the decay factors (:func:`strict_then_last`): exact decay gradients under
+    strong decays. q/k may be shared by groups of value heads (scalar decay only)."""
+    per_key = g.ndim == 4
+    fn, args = (_chunked_per_key, ()) if per_key else (_chunked_scalar, (scale,))
+    if not (torch.is_grad_enabled() and g.requires_grad):
+        return over_segments(fn, (q, k, v, g), S0, chunk, v.shape[2], *args)
+    B, T, Hq, K = q.shape
+    H, V = v.shape[2:]
 
+    def last(S, q_T, k_T, v_T, g_T):              # S_T = e^{g_T} ⊙ S_{T-1} + k_T v_Tᵀ
+        write = (k_T[:, :, None, :, None] * v_T.view(B, Hq, H // Hq, 1, V)).view(B, H, K, V)
+        if S is None:
+            return v_T.new_zeros(B, H, V), write
+        S = torch.exp(g_T)[..., None] * S if per_key else torch.exp(g_T)[..., None, None] * S
+        o_T = torch.einsum("bgk,bgrkv->bgrv", q_T, S.view(B, Hq, H // Hq, K, V))
+        return o_T.reshape(B, H, V) * scale, S + write
 
-def _decay_form(q, k, v, g, S0, chunk, scale, strict):
-    if g.ndim == 4:   # per key: q arrives scaled
-        return over_segments(_chunked_per_key, (q, k, v, g), S0, chunk, v.shape[2], strict)
-    return over_segments(_chunked_scalar, (q, k, v, g), S0, chunk, v.shape[2], scale, strict)
+    o, S = strict_then_last(fn, (q, k, v, g), S0, chunk, H, (*args, True), last)
+    own = (q * k).sum(-1)[..., None, None] * scale                   # [B, T, Hq, 1, 1]
+    # + scale (q_t·k_t) v_t, in place on the fresh output
+    return _grouped(o, Hq).addcmul_(_grouped(v, Hq), own).view(v.shape), S
 
 
 def _grouped(x: Tensor, groups: int) -> Tensor:
     """``[B, T, H, ...]`` -> ``[B, T, Hq, H / Hq, ...]``: value heads by the q/k head they read."""
     return x.reshape(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
-
-
-class _DecayGrad(torch.autograd.Function):
-    """A chunked decayed form with a dedicated, cancellation-free gradient for the log decay.
-
-    The loss depends on the cumulative log decay ``G_t = Σ_{s<=t} g_s`` only through the pairs
-    (query t, key s <= t), each weighted by ``e^{G_t - G_s}``, the reads of the initial state
-    (``e^{G_t}``) and the final state ``S_T = e^{G_T} S_0 + Σ_s e^{G_T - G_s} k_s v_sᵀ``. The
-    usual identities (per key: ``∂L/∂G_t = q_t ⊙ ∂L/∂q_t - k_t ⊙ ∂L/∂k_t``; scalar: the same
-    with the decay on the value side, ``Σ_v o_t ⊙ ∂L/∂o_t - v_t ⊙ ∂L/∂v_t``), and autograd
-    through the factored form alike, carry the O(1) diagonal pair ``(q_t·k_t) v_t`` twice with
-    opposite signs, while the gradient of a strong decay is of order ``e^{g}``: digits are lost
-    as the decay grows (per key: relative RMS 1e-5 at -5/step, 2e-3 at -12/step; scalar 1e-4 at
-    -8/step). The gradient of ``g_r`` is instead the sum over the pairs that *span* step r,
-    each of which carries ``e^{g_r}`` once:
-
-        ∂L/∂g_r = Σ_{s<r<=t} w_{ts} + Σ_{t>=r} (reads of S_0 at t)                  (output)
-                  + e^{G_T} Σ_v S_0 ⊙ ∂L/∂S_T + Σ_{s<r} e^{G_T - G_s} k_s ⊙ (∂L/∂S_T v_s)  (S_T)
-
-    with ``w_{ts}`` the pair's contribution to the loss (per key dim for a per-key decay). The
-    output part is the reverse cumulative sum of the identity above taken over the *strictly*
-    causal form (its diagonal pairs dropped, so nothing of order 1 cancels): the forward runs
-    that form under autograd with the decay held constant and adds the diagonal pairs; the
-    backward takes the strict form's q, k, v and initial-state gradients from its graph, then
-    adds the diagonal pairs' and the final state's gradients in closed form. The cumulative sums
-    run in float64. q/k may be shared by groups of value heads (scalar decay only).
-    """
-
-    @staticmethod
-    def _strict(q, k, v, g, S0, chunk, scale):
-        """The strict form's output under autograd, with the decay held constant, and its
-        leaves (q, k, v and the initial state if any)."""
-        leaves = [x.detach().requires_grad_() for x in (q, k, v, S0) if x is not None]
-        with torch.enable_grad():
-            o_strict, S = _decay_form(*leaves[:3], g.detach(),
-                                      leaves[3] if S0 is not None else None, chunk, scale, True)
-        return o_strict, S, leaves
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, S0, chunk, scale):
-        o_strict, S, leaves = _DecayGrad._strict(q, k, v, g, S0, chunk, scale)
-        ctx.graph, ctx.chunk, ctx.scale = (o_strict, leaves), chunk, scale
-        ctx.save_for_backward(q, k, v, g, S0)
-        ctx.set_materialize_grads(False)     # dS None when the final state is not used
-        qk = (q * k).sum(-1)                                         # [B, T, Hq]
-        diagonal = _grouped(v, q.shape[2]) * (scale * qk)[..., None, None]   # (q_t·k_t) v_t
-        return o_strict.detach() + diagonal.view(v.shape), S.detach()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dS):
-        q, k, v, g, S0 = ctx.saved_tensors
-        scale, Hq, per_key = ctx.scale, q.shape[2], g.ndim == 4
-        # the forward's graph, used once; a second backward (retain_graph) rebuilds it
-        o_strict, leaves = (ctx.graph
-                            or _DecayGrad._strict(q, k, v, g, S0, ctx.chunk, scale)[::2])
-        ctx.graph = None
-        if do is None:
-            do = torch.zeros_like(o_strict)
-        dq, dk, dv, *dS0 = torch.autograd.grad(o_strict, leaves, do, allow_unused=True,
-                                               materialize_grads=True)
-        dS0 = dS0[0] if dS0 else None
-        if per_key:
-            dG = q * dq - k * dk                                     # [B, T, H, K]
-        else:
-            dG = (o_strict.detach() * do).sum(-1) - (v * dv).sum(-1)   # [B, T, H]
-        dg = dG.to(torch.float64).flip(1).cumsum(1).flip(1)          # Σ_{t >= r}
-        # the diagonal pairs, scale (q_t·k_t) v_t
-        vdo = _grouped((v * do).sum(-1), Hq).sum(-1, keepdim=True) * scale   # [B, T, Hq, 1]
-        dq = dq + k * vdo
-        dk = dk + q * vdo
-        qk = (q * k).sum(-1)[..., None, None] * scale                 # [B, T, Hq, 1, 1]
-        dv = dv + (_grouped(do, Hq) * qk).view(do.shape)
-        if dS is not None:                                           # S_T's dependence
-            to_end = cumsum_to_end(g.to(torch.float64), 1)           # G_T - G_s, no cancellation
-            e_end = torch.exp(to_end).to(k.dtype)                    # [B, T, H(, K)]
-            if not per_key:
-                e_end = e_end[..., None]
-            B, T, H = v.shape[:3]                                    # k of each value head:
-            k_heads = k[:, :, :, None].expand(B, T, Hq, H // Hq, -1).reshape(B, T, H, -1)
-            dS_v = torch.einsum("bhkv,bthv->bthk", dS, v)            # ∂L/∂S_T v_s
-            dk = dk + _grouped(e_end * dS_v, Hq).sum(3)
-            dv = dv + torch.einsum("bhkv,bthk->bthv", dS, k_heads * e_end)
-            span = (k_heads * e_end * dS_v).to(torch.float64)
-            if not per_key:
-                span = span.sum(-1)
-            dg = dg + (span.cumsum(1) - span)                        # Σ_{s < r}
-            if S0 is not None:
-                total = torch.exp(g.to(torch.float64).sum(1))        # e^{G_T}: [B, H(, K)]
-                S0dS = (S0 * dS).sum(-1).to(torch.float64)           # [B, H, K]
-                if not per_key:
-                    total, S0dS = total[..., None], S0dS.sum(-1)
-                dS0 = dS0 + total.to(dS.dtype)[..., None] * dS
-                dg = dg + (total[..., 0] * S0dS if not per_key else total * S0dS)[:, None]
-        return dq, dk, dv, dg.to(g.dtype), dS0, None, None
 
 
 def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
@@ -461,7 +378,7 @@ def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
     ~1e-6 relative in fp32 at the limit, ~1e-7 for usual gates. Otherwise every exponent is
     kept <= 0: the intra-chunk scores come from :func:`_intra_scores_per_key`. The
     chunk-to-chunk recurrence is :func:`_pass_states`. ``strict`` drops the diagonal pairs
-    ``(q_i·k_i) v_i`` from the output (for :class:`_DecayGrad`).
+    ``(q_i·k_i) v_i`` from the output (for :func:`_with_decay_grad`).
     """
     B, T, H, K = q.shape
     vc = to_chunks(v, chunk)                                                    # [B, H, n, C, V]
