@@ -131,17 +131,19 @@ def check(core, decay, H, HQ, lengths=None, T=37, h0=True, final_loss=True, extr
             assert_close(g[name], g2[name], torch.float32, f"{label} d{name}")
 
 
+@pytest.mark.parametrize("final_loss", [False, True])
 @pytest.mark.parametrize("decay", ["scalar", "key"])
-def test_linear_chunk_strong_decay_gradient(decay):
-    """Log decays of about -8 per step, the loss on the outputs: every gradient against the
-    float64 loop. The decay's gradient is of order e^{-8}; the backward leaves the diagonal pairs
-    out of dG = q ⊙ dq - k ⊙ dk (with them, their O(1) terms cancel: measured 1.1e-4 scalar,
-    6.4e-5 per key)."""
+def test_linear_chunk_strong_decay_gradient(decay, final_loss):
+    """Log decays of about -8 per step, the loss on the outputs (and the final state): every
+    gradient against the float64 loop. The decay's gradient is of order e^{-8}; the backward
+    leaves the diagonal pairs out of dG = q ⊙ dq - k ⊙ dk (with them, their O(1) terms cancel:
+    measured 1.1e-4 scalar, 6.4e-5 per key), and the last write k_T v_Tᵀ out of both the final
+    state's term Σ S_T ⊙ dS_T and k_T ⊙ dk_T (with it: 1.5e-4 scalar, 5.5e-5 per key)."""
     x, w, cu = inputs("linear", decay, 2, 2, T=70)
     x["g"] = -8 * (0.5 + torch.rand(x["g"].shape, generator=torch.Generator().manual_seed(5)))
-    o, S, g = grads(lambda a: run_kernel("linear", decay, 2, 2, a, cu), x, w, final_loss=False)
+    o, S, g = grads(lambda a: run_kernel("linear", decay, 2, 2, a, cu), x, w, final_loss)
     xd, wd = {n: t.double() for n, t in x.items()}, tuple(t.double() for t in w)
-    o2, _, g2 = grads(lambda a: run_ref("linear", a, cu), xd, wd, final_loss=False)
+    o2, _, g2 = grads(lambda a: run_ref("linear", a, cu), xd, wd, final_loss)
     assert_close(o, o2, torch.float32, "o")
     for name in x:
         assert_close(g[name], g2[name], torch.float32, f"d{name}")
