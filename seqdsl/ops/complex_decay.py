@@ -16,6 +16,7 @@ dot product ``[Re Q_t, -Im Q_t] · [Re K_s, Im K_s]``. So the output is the real
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -79,10 +80,10 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
         S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
     scale = default_scale(scale, K)
     rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                      # e^{iΦ_T}
-    if inner is None and torch.is_grad_enabled() and (phase.requires_grad
-                                                      or log_magnitude.requires_grad):
-        o, S = _strict_with_own_writes(q, k, v.to(real), q2 * scale, k2, g2, S0, rot,
-                                       chunk_size, scale)
+    if torch.is_grad_enabled() and (phase.requires_grad or log_magnitude.requires_grad) and (
+            inner is None or "strict" in inspect.signature(inner).parameters):
+        o, S = _strict_with_own_writes(q, k, v.to(real), q2, k2, g2, S0, rot, chunk_size, scale,
+                                       inner)
         return o.to(_real_dtype(q, k, v)), (S if output_final_state else None)
     if inner is None:
         inner = functools.partial(linear, chunk_size=chunk_size)
@@ -94,7 +95,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     return o.to(_real_dtype(q, k, v)), S
 
 
-def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale):
+def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=None):
     """The lowered form with each step's own write taken out of the rotation, for gradients.
 
     A step's own write reaches its output as ``Re(q_t·k_t) v_t`` and the final state as
@@ -103,11 +104,20 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale):
     of a strong decay's phase or magnitude is of order ``e^{g}`` (3e-4 relative RMS at
     -8/step). So the strict lowered form runs through :func:`strict_then_last` (the last step
     is the decay of ``S_{T-1}``) and the own writes are added directly, the last one after the
-    rotation back to the complex state.
+    rotation back to the complex state. ``inner`` (a kernel taking ``strict``, or None: the
+    torch per-key form) runs the strict form wherever a segment has more than one step.
     """
-    q2, k2, v = _expand_heads(q2, k2, v)
+    if inner is None:
+        q2, k2, v = _expand_heads(q2, k2, v)
     q, k, _ = _expand_heads(q, k, v)
     B, _, H, K = q.shape
+
+    def strict_form(q2, k2, v, g2, S, chunk, strict):
+        if inner is not None and q2.shape[1] > 1:
+            return inner(q2, k2, v, g2, scale=scale, initial_state=S, output_final_state=True,
+                         strict=strict)
+        q2, k2, v = _expand_heads(q2 * scale, k2, v)
+        return _chunked_per_key(q2, k2, v, g2, S, chunk, strict)
 
     def last(S, q_T, k_T, v_T, g_T):
         if S is None:
@@ -116,9 +126,10 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale):
         # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
         write = k[:, -1, :, :, None].to(rot.dtype) * v_T[:, :, None, :]
         S_T = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + write
-        return torch.einsum("bhk,bhkv->bhv", q_T, S), S_T
+        q_T = _expand_heads(q_T[:, None], q_T[:, None], v_T[:, None])[0][:, 0]   # q/k heads
+        return torch.einsum("bhk,bhkv->bhv", q_T, S) * scale, S_T
 
-    o, S = strict_then_last(_chunked_per_key, (q2, k2, v, g2), S0, chunk, H, (True,), last)
+    o, S = strict_then_last(strict_form, (q2, k2, v, g2), S0, chunk, H, (True,), last)
     own = (q * k).sum(-1)                                            # [B, T, H]
     own = own.real if own.is_complex() else own
     return o.addcmul_((scale * own.to(v.dtype))[..., None], v), S    # + Re(q_t·k_t) v_t
