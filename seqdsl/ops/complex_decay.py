@@ -81,7 +81,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     scale = default_scale(scale, K)
     rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                      # e^{iΦ_T}
     if torch.is_grad_enabled() and (phase.requires_grad or log_magnitude.requires_grad) and (
-            inner is None or "strict" in inspect.signature(inner).parameters):
+            inner is None or _takes_strict(inner)):
         o, S = _strict_with_own_writes(q, k, v.to(real), q2, k2, g2, S0, rot, chunk_size, scale,
                                        inner)
         return o.to(_real_dtype(q, k, v)), (S if output_final_state else None)
@@ -133,6 +133,14 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
     own = (q * k).sum(-1)                                            # [B, T, H]
     own = own.real if own.is_complex() else own
     return o.addcmul_((scale * own.to(v.dtype))[..., None], v), S    # + Re(q_t·k_t) v_t
+
+
+def _takes_strict(fn) -> bool:
+    """Whether ``fn`` (an ``inner`` of :func:`linear_complex`) has a ``strict`` parameter."""
+    try:
+        return "strict" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):     # no signature to read (some builtins, C extensions)
+        return False
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:
