@@ -353,10 +353,13 @@ def test_strong_decays_do_not_overflow(decay):
     assert torch.isfinite(grads[0]).all()
 
 
-def _per_key_decay_errors(rate):
-    """Chunked vs float64 loop for per-key log decays of about -rate per step: the outputs, the
-    final state and every gradient, as (name, actual, expected) triples."""
-    x, h0, _ = make_linear(70, 15, "key")
+def _decay_errors(decay, rate, heads=None):
+    """Chunked vs float64 loop for ``decay`` ("key" or "scalar") log decays of about -rate per
+    step, q/k cut to ``heads`` heads if given: the outputs, the final state and every gradient,
+    through a loss on both, as (name, actual, expected) triples."""
+    x, h0, _ = make_linear(70, 15, decay)
+    if heads is not None:
+        x["q"], x["k"] = x["q"][:, :, :heads].clone(), x["k"][:, :, :heads].clone()
     x["log_decay"] = -rate * (0.5 + torch.rand(x["log_decay"].shape, generator=_gen(16)))
     x = {n: t.requires_grad_() for n, t in x.items()}
     h0.requires_grad_()
@@ -380,7 +383,7 @@ def test_per_key_decay_sub_chunk_sizes(rate):
     gradient is of order e^{-rate} while its naive form (q·dq - k·dk) cancels O(1) terms, so this
     fails without the strict form plus own writes (it measured 1.2e-5 at -2.5/step, 1.8e-3 at
     -12)."""
-    for name, actual, expected in _per_key_decay_errors(rate):
+    for name, actual, expected in _decay_errors("key", rate):
         assert_close(actual, expected, FP32, f"per-key decay ~{-rate}/step: {name}")
 
 
@@ -428,21 +431,8 @@ def test_scalar_decay_gradients_strong(rate, heads):
     -1 on): output, final state and every gradient against the float64 loop, q/k per value
     head or one q/k head shared by all. The decay's gradient measured 8e-6 at -3/step and 1e-4
     at -8/step through plain autograd (a cancellation of the diagonal pairs)."""
-    x, h0, _ = make_linear(70, 15, "scalar")
-    x["q"], x["k"] = x["q"][:, :, :heads], x["k"][:, :, :heads]
-    x["log_decay"] = -rate * (0.5 + torch.rand(x["log_decay"].shape, generator=_gen(16)))
-    x = {n: t.clone().requires_grad_() for n, t in x.items()}
-    h0.requires_grad_()
-    o, S = ops.linear(**x, initial_state=h0, output_final_state=True, chunk_size=64)
-    o_gold, S_gold = ops.linear_ref(**_cast(x), initial_state=_widen(h0), output_final_state=True)
-    w, w_S = torch.randn(o.shape, generator=_gen(17)), torch.randn(S.shape, generator=_gen(18))
-    leaves = [*x.values(), h0]
-    grads = torch.autograd.grad((o * w).sum() + (S * w_S).sum(), leaves)
-    gold = torch.autograd.grad((o_gold * w.double()).sum() + (S_gold * w_S.double()).sum(), leaves)
-    assert_close(o, o_gold, FP32, f"scalar decay ~{-rate}/step: output")
-    assert_close(S, S_gold, FP32, f"scalar decay ~{-rate}/step: final state")
-    for name, a, b in zip([*x, "initial_state"], grads, gold):
-        assert_close(a, b, FP32, f"scalar decay ~{-rate}/step: gradient of {name}")
+    for name, actual, expected in _decay_errors("scalar", rate, heads):
+        assert_close(actual, expected, FP32, f"scalar decay ~{-rate}/step: {name}")
 
 
 def _strong_gate_gradient(core, rate):
