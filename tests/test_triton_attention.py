@@ -31,6 +31,7 @@ from seqdsl.ops import attention_decode, attention_ref
 from seqdsl.ops.tolerances import assert_close
 
 import triton  # noqa: E402  (after TRITON_INTERPRET)
+import triton_harness as th  # noqa: E402  (where the kernels run: DEVICE, on_device)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "backends" / "triton" / "templates"
@@ -49,8 +50,9 @@ except ImportError:
     HAVE_NUMPY = False
 
 needs_interpreter = pytest.mark.skipif(
-    not (ts.INTERPRET and HAVE_NUMPY),
-    reason="needs triton's CPU interpreter: TRITON_INTERPRET=1 before triton is imported, and numpy")
+    th.DEVICE is None or (ts.INTERPRET and not HAVE_NUMPY),
+    reason="runs the kernels on CPU through triton's interpreter (TRITON_INTERPRET=1 before triton "
+           "is imported, and numpy), or on a GPU")
 
 # --------------------------------------------------------------------------------------------
 # rendering
@@ -171,7 +173,7 @@ def test_flash_fp32(name):
     m = load(s)
     q, k, v = inputs(s, 2, 37)
     do = torch.randn(2, 37, s.H, s.V, generator=torch.Generator().manual_seed(1))
-    got = grads(m.attn_flash, q, k, v, do)
+    got = grads(th.on_device(m.attn_flash), q, k, v, do)
     want = grads(lambda *a: reference(s, *a), q, k, v, do)
     for what, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert_close(a, b, torch.float32, f"{name} {what}")
@@ -185,7 +187,7 @@ def test_flash_fp16(name):
     m = load(s)
     q, k, v = inputs(s, 1, 37, torch.float16)
     do = torch.randn(1, 37, s.H, s.V, generator=torch.Generator().manual_seed(1)).half()
-    got = grads(m.attn_flash, q, k, v, do)
+    got = grads(th.on_device(m.attn_flash), q, k, v, do)
     want = grads(lambda *a: reference(s, *(x.float() for x in a)), q, k, v, do.float())
     assert got[0].dtype == torch.float16 and got[1].dtype == torch.float16
     for what, a, b in zip(("o", "dq", "dk", "dv"), got, want):
@@ -199,7 +201,7 @@ def test_flash_single_step(name):
     s = SPECS[name]
     q, k, v = inputs(s, 3, 1)
     do = torch.randn(3, 1, s.H, s.V)
-    got = grads(load(s).attn_flash, q, k, v, do)
+    got = grads(th.on_device(load(s).attn_flash), q, k, v, do)
     want = grads(lambda *a: reference(s, *a), q, k, v, do)
     assert_close(got[0], want[0], torch.float32, f"{name} T=1 o")
     assert_close(got[3], want[3], torch.float32, f"{name} T=1 dv")
@@ -218,7 +220,7 @@ def test_flash_packed(name):
     cu = torch.tensor([0, 5, 22, 31])
     q, k, v = inputs(s, 1, sum(lengths))
     do = torch.randn(1, sum(lengths), s.H, s.V, generator=torch.Generator().manual_seed(1))
-    got = grads(lambda *a: m.attn_flash(*a, cu_seqlens=cu), q, k, v, do)
+    got = grads(lambda *a: th.on_device(m.attn_flash)(*a, cu_seqlens=cu), q, k, v, do)
 
     def per_sequence(q, k, v):
         return torch.cat([reference(s, q[:, a:b], k[:, a:b], v[:, a:b])
@@ -250,7 +252,7 @@ def test_decode(name, L):
     q = torch.randn(2, s.H, s.K, generator=g)
     kc = torch.randn(2, L + 3, s.hkv, s.K, generator=g)[:, 3:]   # a strided view, as a cache slice
     vc = torch.randn(2, L, s.hkv, s.V, generator=g)
-    got = load(s).attn_decode(q, kc, vc)
+    got = th.on_device(load(s).attn_decode)(q, kc, vc)
     want = attention_decode(q, kc, vc, window=s.window, scale=s.scale, softcap=s.softcap)
     assert_close(got, want, torch.float32, f"{name} decode L={L}")
 
@@ -262,7 +264,7 @@ def test_decode_half(dtype):
     s = SPECS["window"]
     q, kc, vc = (x.to(dtype) for x in (torch.randn(2, s.H, s.K), torch.randn(2, 23, s.hkv, s.K),
                                        torch.randn(2, 23, s.hkv, s.V)))
-    got = load(s).attn_decode(q, kc, vc)
+    got = th.on_device(load(s).attn_decode)(q, kc, vc)
     assert got.dtype == dtype
     want = attention_decode(q.float(), kc.float(), vc.float(), window=s.window, scale=s.scale)
     assert_close(got.float(), want, dtype, f"decode {dtype}")

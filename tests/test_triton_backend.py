@@ -27,9 +27,10 @@ from seqdsl.compiler import generate  # noqa: E402
 from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
 from conftest import MODEL_SPECS, ROOT, prefix_then_steps, tiny_overrides  # noqa: E402
+import triton_harness as th  # noqa: E402  (where the kernels run: th.DEVICE)
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="the kernels run on CPU under TRITON_INTERPRET=1")
+pytestmark = th.runs_kernels
+interpreter_only = pytest.mark.skipif(not th.ts.INTERPRET, reason="checks the interpreter's refusal")
 
 
 def _kernels(module):
@@ -43,12 +44,12 @@ def compiled(request):
     if not _kernels(module).REGISTRY.kernels:
         pytest.skip(f"{path.stem}: no core with a generated kernel family")
     torch.manual_seed(0)
-    return path, module, module.Model().float()
+    return path, module, module.Model().float().to(th.DEVICE)
 
 
 def _ids(model, B=2, T=13, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.embed.num_embeddings, (B, T), generator=g)
+    return torch.randint(0, model.embed.num_embeddings, (B, T), generator=g).to(th.DEVICE)
 
 
 def _tensors(state):
@@ -89,7 +90,7 @@ def test_gradients_match_including_the_initial_state(compiled, T=17):
     with torch.no_grad():
         _, state0 = model(ids[:, :4], reference=True)
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(*ids.shape, model.embed.num_embeddings, generator=g)
+    w = torch.randn(*ids.shape, model.embed.num_embeddings, generator=g).to(ids.device)
     grads = []
     for backend, reference in (("triton", False), ("torch", True)):
         model.zero_grad()
@@ -99,7 +100,8 @@ def test_gradients_match_including_the_initial_state(compiled, T=17):
         loss = (logits * w[:, 4:]).sum()
         for i, s in enumerate(_tensors(final)):
             s = torch.view_as_real(s) if s.is_complex() else s
-            loss = loss + (s * torch.randn(s.shape, generator=torch.Generator().manual_seed(i))).sum()
+            loss = loss + (s * torch.randn(s.shape, generator=torch.Generator().manual_seed(i))
+                           .to(s.device)).sum()
         loss.backward()
         named = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         named.update({f"initial state {i}": t.grad.clone() for i, t in enumerate(leaves)
@@ -129,14 +131,15 @@ def test_long_sequences_restart_the_backward_from_checkpoints(name):
     path = ROOT / "specs" / f"{name}.seq"
     module = seqdsl.compile(path, backend="triton", **tiny_overrides(path))
     torch.manual_seed(0)
-    test_gradients_match_including_the_initial_state((path, module, module.Model().float()), T=40)
+    test_gradients_match_including_the_initial_state(
+        (path, module, module.Model().float().to(th.DEVICE)), T=40)
 
 
 def test_packed_sequences_equal_a_loop(compiled):
     _, _, model = compiled
     lengths = [5, 9, 3]
     ids = _ids(model, B=1, T=sum(lengths))
-    cu = torch.tensor([0, 5, 14, 17])
+    cu = torch.tensor([0, 5, 14, 17], device=th.DEVICE)
     with torch.no_grad():
         packed, _ = _run(model, "triton", ids, cu_seqlens=cu)
         pieces = [_run(model, "triton", ids[:, a:b])[0]
@@ -157,13 +160,13 @@ def test_prefix_then_steps_equals_full_forward(compiled):
     assert_close(stepped, full, torch.float32, "prefix + step vs full forward")
 
 
-def test_auto_backend_runs_torch_on_cpu_tensors(compiled):
+def test_auto_backend_runs_torch_on_cpu_tensors_and_triton_on_cuda(compiled):
     _, _, model = compiled
     ids = _ids(model, T=5)
     with torch.no_grad():
         auto, _ = model(ids)
-        torch_path, _ = _run(model, "torch", ids)
-    assert torch.equal(auto, torch_path)
+        chosen, _ = _run(model, "triton" if ids.is_cuda else "torch", ids)
+    assert torch.equal(auto, chosen)
 
 
 def test_generated_kernels_are_readable_and_deterministic():
@@ -215,9 +218,9 @@ def test_compile_cli_writes_the_kernels_next_to_the_model(tmp_path):
     sys.path.insert(0, str(tmp_path))
     try:
         import hgrn  # noqa: F401  (the written package imports: model.py uses its kernels.py)
-        model = hgrn.Model()
+        model = hgrn.Model().to(th.DEVICE)
         model.backend = "triton"
-        ids = torch.randint(0, 50, (1, 5))
+        ids = torch.randint(0, 50, (1, 5)).to(th.DEVICE)
         with torch.no_grad():
             out, _ = model(ids)
             ref, _ = model(ids, reference=True)
@@ -240,7 +243,7 @@ def test_fp16_triton_path_is_as_accurate_as_the_torch_path(name):
     path = ROOT / "specs" / f"{name}.seq"
     module = seqdsl.compile(path, backend="triton", **tiny_overrides(path))
     torch.manual_seed(0)
-    model = module.Model()
+    model = module.Model().to(th.DEVICE)
     ids = _ids(model, T=21)
     with torch.no_grad():
         ref32, _ = model(ids, reference=True)
@@ -252,6 +255,7 @@ def test_fp16_triton_path_is_as_accurate_as_the_torch_path(name):
     assert err_triton <= 1.5 * err_torch + tolerance(torch.float16).rel_rms, (err_triton, err_torch)
 
 
+@interpreter_only
 def test_seqdsl_kernels_refuses_to_build_interpreted_kernels(capsys):
     """Under TRITON_INTERPRET=1 the kernels are interpreter functions: no GPU build, exit 2."""
     from seqdsl.cli import main

@@ -75,8 +75,6 @@ def inputs(core, decay, H, HQ, lengths=None, T=37, B=2, h0=True, dtype=torch.flo
 def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, extras=None, prologue=()):
     """The chunk kernels on ``x`` (raw operands where ``prologue`` fuses producers: torch applies
     only the part the kernels leave to it, ``<prefix>_UNFUSED``, as the generated entry does)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the runtime tests run the kernels on CPU under TRITON_INTERPRET=1")
     m = module(core, decay, H, HQ, extras=extras, prologue=prologue)
     ins = {n: t.to(dtype) if n in ("q", "k", "v", "beta") else t for n, t in x.items()}
     unfused = getattr(m, prefix(core, decay, H, HQ, extras=extras, prologue=prologue) + "_UNFUSED")
@@ -84,7 +82,7 @@ def run_kernel(core, decay, H, HQ, x, cu, dtype=torch.float32, extras=None, prol
         ins.update(ts.apply_prologue(unfused, {n: ins.get(n) for n in ("q", "k", "v", "beta", "g")}))
     args = [ins["q"], ins["k"], ins["v"]] + ([ins["beta"]] if core == "delta" else [])
     fn = getattr(m, prefix(core, decay, H, HQ, extras=extras, prologue=prologue) + "_chunk")
-    return fn(*args, ins.get("g"), ins.get("h0"), cu)
+    return th.on_device(fn)(*args, ins.get("g"), ins.get("h0"), cu)
 
 
 def run_ref(core, x, cu):
@@ -157,7 +155,7 @@ def test_linear_complex_strict_kernel_gradients(rate):
     through the plain kernel the phase's gradient measured 1.4e-4 at -8/step."""
     KC, H = 10, 2
     m = module("linear", "key", H, H, k=2 * KC, v=V)
-    chunk = getattr(m, prefix("linear", "key", H, H, k=2 * KC, v=V) + "_chunk")
+    chunk = th.on_device(getattr(m, prefix("linear", "key", H, H, k=2 * KC, v=V) + "_chunk"))
 
     def inner(q, k, v, g, scale=None, initial_state=None, output_final_state=True, strict=False):
         return chunk(q, k, v, g, initial_state, None, strict=strict)

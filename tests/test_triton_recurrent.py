@@ -9,8 +9,6 @@ fused prologues (the IR's producer chains, forward and backward in registers), s
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -24,8 +22,7 @@ from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
 import triton_harness  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="the kernels run on CPU under TRITON_INTERPRET=1")
+pytestmark = triton_harness.runs_kernels
 
 
 def _load(spec: KernelSpec, family: str, prefix: str):
@@ -80,7 +77,7 @@ def _triton(core, spec, module, prefix, x, cu_seqlens=None, entry="recurrent"):
     g = x.get("g")
     if g is not None and not any(n == "g" for n, _ in spec.prologue):
         g = torch.nn.functional.logsigmoid(g)
-    fn = getattr(module, f"{prefix}_{entry}")
+    fn = triton_harness.on_device(getattr(module, f"{prefix}_{entry}"))
     args = (x["q"], x["k"], x["v"]) + ((x["beta"],) if core == "delta" else ())
     extra = {"chunked": True} if entry == "chunked" else {}
     return fn(*args, g, initial_state=x["h0"], cu_seqlens=cu_seqlens, decay_A=x.get("A"),
@@ -176,7 +173,7 @@ def test_scan_kernel_with_prologue_and_packed_sequences():
     for use_kernel in ("blocks", "steps", False):
         xs = [t.clone().requires_grad_(True) for t in (a, b, h0)]
         if use_kernel:
-            h, hT = module.scan_test_scan(xs[0], xs[1], initial_state=xs[2], cu_seqlens=cu,
+            h, hT = triton_harness.on_device(module.scan_test_scan)(xs[0], xs[1], initial_state=xs[2], cu_seqlens=cu,
                                           chunked=use_kernel == "blocks")
         else:
             h, hT = ops.scan_ref(torch.sigmoid(xs[0]), xs[1], initial_state=xs[2],

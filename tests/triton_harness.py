@@ -3,7 +3,9 @@ as a module, the way the generator's ``kernels.py`` would hold it (header + frag
 
 Importing this module sets ``TRITON_INTERPRET=1`` unless the environment already chose: the
 kernels then run on CPU tensors (no GPU in CI); ahead-of-time compilation for a GPU target does
-not depend on it.
+not depend on it. With ``TRITON_INTERPRET=0`` on a machine with a GPU the same tests run the
+compiled kernels there (:data:`DEVICE`, :func:`on_device`): inputs, references and comparisons
+stay on the CPU, only the kernel calls move.
 """
 
 from __future__ import annotations
@@ -18,6 +20,37 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import jinja2  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seqdsl.backends.triton import support as ts  # noqa: E402
+
+#: where the kernels run: CPU tensors under the interpreter, else the GPU if there is one (None:
+#: neither, the runtime tests skip)
+DEVICE = "cpu" if ts.INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+runs_kernels = pytest.mark.skipif(
+    DEVICE is None, reason="the kernels run on CPU under TRITON_INTERPRET=1, or on a GPU")
+
+
+def _moved(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_moved(item, device) for item in x)
+    if isinstance(x, dict):
+        return {key: _moved(item, device) for key, item in x.items()}
+    return x
+
+
+def on_device(fn):
+    """``fn`` with its tensor arguments moved to :data:`DEVICE` and its tensor results moved back
+    to the CPU (both differentiable, so gradients reach the CPU leaves)."""
+    if DEVICE is None:
+        pytest.skip("no device runs the kernels: TRITON_INTERPRET=1, or a GPU")
+
+    def run(*args, **kwargs):
+        return _moved(fn(*_moved(args, DEVICE), **_moved(kwargs, DEVICE)), "cpu")
+    return run
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "backends" / "triton" / "templates"
 

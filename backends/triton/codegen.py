@@ -147,30 +147,43 @@ def kernel_spec(node, site: str, spec_ref: str) -> KernelSpec | None:
                                   "chunk_min_t": CHUNK_MIN_T})
     if node.op in (Op.LINEAR, Op.DELTA):
         kind = node.attr("decay_kind")
-        K, V, H = node.attr("key_dim"), node.attr("value_dim"), node.attr("heads")
-        HQ = node.attr("key_heads") if node.op is Op.LINEAR else H  # delta gets heads repeated
+        K = node.attr("key_dim")
+        HQ = node.attr("key_heads") if node.op is Op.LINEAR else 0  # delta gets heads repeated
         if kind == "complex_key":  # lowered to a real per-key decay on 2K dims
             kind, K = "key", 2 * K
         if node.attr("factored"):
             kind = "factored"
-        BK = _pow2(K)
-        BV = min(_pow2(V), max(16, TILE // BK))
-        BVB = min(_pow2(V), max(8, TILE_BWD // BK))
-        # the chunked selective scan holds [SBT, BK, SBV] tiles (several in the backward)
-        SBV = min(_pow2(V), max(4, SCAN_TILE // (SCAN_STEPS * BK)))
-        return KernelSpec(node.op.value, H=H, K=K, V=V, HQ=HQ, decay=kind,
-                          scale=float(node.attr("scale")), steps=node.attr("steps") or 1,
-                          prologue=prologue, site=site, spec_ref=spec_ref,
-                          extras={"BK": BK, "BV": BV, "BVB": BVB, "C": CHECKPOINT,
-                                  "warps": _warps(BK * BV), "warps_bwd": _warps(BK * BVB),
-                                  "SBT": SCAN_STEPS, "SBV": SBV, "swarps": 4,
-                                  "chunk_min_t": CHUNK_MIN_T})
+        return core_spec(node.op.value, H=node.attr("heads"), K=K, V=node.attr("value_dim"),
+                         HQ=HQ, decay=kind, scale=float(node.attr("scale")),
+                         steps=node.attr("steps") or 1, prologue=prologue, site=site,
+                         spec_ref=spec_ref)
     if node.op is Op.ATTENTION:
         return KernelSpec("attention", H=node.attr("heads"), K=node.attr("key_dim"),
                           V=node.attr("value_dim"), HKV=node.attr("kv_heads"),
                           scale=float(node.attr("scale")), window=node.attr("window"),
                           softcap=node.attr("softcap"), site=site, spec_ref=spec_ref)
     return None
+
+
+def core_spec(core: str, H: int, K: int, V: int, HQ: int = 0, decay: str = "none",
+              scale: float = 1.0, steps: int = 1, prologue: tuple = (), site: str = "",
+              spec_ref: str = "") -> KernelSpec:
+    """The specialisation of a ``linear`` or ``delta`` core with the generator's tile choices:
+    what :func:`kernel_spec` derives from an IR node, from plain parameters (benchmarks, tools).
+    ``HQ``: q/k heads of ``linear`` (divides ``H``; 0: ``H``); ``delta`` takes ``H`` for both."""
+    if core not in ("linear", "delta"):
+        raise ValueError(f"core_spec covers the linear and delta cores, not {core!r}")
+    BK = _pow2(K)
+    BV = min(_pow2(V), max(16, TILE // BK))
+    BVB = min(_pow2(V), max(8, TILE_BWD // BK))
+    # the chunked selective scan holds [SBT, BK, SBV] tiles (several in the backward)
+    SBV = min(_pow2(V), max(4, SCAN_TILE // (SCAN_STEPS * BK)))
+    return KernelSpec(core, H=H, K=K, V=V, HQ=(HQ or H) if core == "linear" else H, decay=decay,
+                      scale=scale, steps=steps, prologue=prologue, site=site, spec_ref=spec_ref,
+                      extras={"BK": BK, "BV": BV, "BVB": BVB, "C": CHECKPOINT,
+                              "warps": _warps(BK * BV), "warps_bwd": _warps(BK * BVB),
+                              "SBT": SCAN_STEPS, "SBV": SBV, "swarps": 4,
+                              "chunk_min_t": CHUNK_MIN_T})
 
 
 class KernelSites:
@@ -211,16 +224,53 @@ def _plain_env() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def render_kernels(program: Program, sites: KernelSites) -> str:
-    spec_path = Path(program.spec.path).name
+def _render(spec_path: str, specs: dict[str, KernelSpec]) -> str:
     plain = _plain_env()
     chunk = {p: plain.get_template(f"{s.core}_chunk.py.j2").render(p=p, s=s, reg="REGISTRY").strip()
-             for p, s in sites.specs.items() if s.chunked}
+             for p, s in specs.items() if s.chunked}
     source = _env().get_template("kernels.py.j2").render(
-        version=__version__, spec_path=spec_path, sites=list(sites.specs.items()), reg="REGISTRY",
+        version=__version__, spec_path=spec_path, sites=list(specs.items()), reg="REGISTRY",
         chunk_fragments=chunk)
     ast.parse(source)
     return source
+
+
+def render_kernels(program: Program, sites: KernelSites) -> str:
+    return _render(Path(program.spec.path).name, sites.specs)
+
+
+def site_source(spec: KernelSpec, name: str = "site") -> str:
+    """One site's kernels as a module of their own: what ``kernels.py`` holds for ``spec``, with
+    the site object under ``name`` (its ``.triton`` entry takes the core's ops signature)."""
+    if not name.isidentifier():
+        raise ValueError(f"site name must be an identifier, got {name!r}")
+    return _render(spec.spec_ref or "<site>", {name: spec})
+
+
+_SITE_DIR: Path | None = None
+
+
+def load_site(spec: KernelSpec, name: str = "site"):
+    """Import :func:`site_source` as a fresh module (written to a private temporary folder first:
+    ``triton.jit`` reads a kernel's source from its file) and return the site object."""
+    import hashlib
+    import importlib.util
+    import sys
+    import tempfile
+
+    global _SITE_DIR
+    if _SITE_DIR is None:
+        _SITE_DIR = Path(tempfile.mkdtemp(prefix="seqdsl-sites-"))
+    source = site_source(spec, name)
+    module_name = f"seqdsl_site_{name}_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
+    if module_name not in sys.modules:
+        path = _SITE_DIR / f"{module_name}.py"
+        path.write_text(source)
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    return getattr(sys.modules[module_name], name)
 
 
 def generate(program: Program) -> dict[str, str]:
@@ -231,4 +281,5 @@ def generate(program: Program) -> dict[str, str]:
     return {"model.py": model, "kernels.py": render_kernels(program, sites)}
 
 
-__all__ = ["fuse_prologues", "kernel_spec", "KernelSites", "generate", "render_kernels"]
+__all__ = ["fuse_prologues", "kernel_spec", "core_spec", "KernelSites", "generate", "render_kernels",
+           "site_source", "load_site"]

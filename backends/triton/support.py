@@ -63,6 +63,14 @@ def launch_options(num_warps: int, num_stages: int) -> dict:
     return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands loaded as ``dtype``: fp32 inputs multiply in full
+    fp32 ("ieee"; the GPU default, tf32, keeps 10 mantissa bits: about 1e-3 relative error where
+    the fp32 torch path has 1e-6), fp16/bf16 use the tensor cores as they are (the flag only
+    matters for fp32 operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def offsets(cu_seqlens: torch.Tensor | None, batch: int, length: int, device) -> tuple:
     """(offsets int32 [N + 1], N): where each sequence starts in the flattened ``[B * T]`` time
     axis. Without ``cu_seqlens`` the B rows are the N sequences, each of length T."""
