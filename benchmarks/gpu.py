@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--cases", type=int, nargs="+", default=None,
+                    help="indices into CASES (default: all)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--torch-up-to", type=int, default=4096,
                     help="time seqdsl's torch path only up to this length (it is the slow one)")
@@ -129,7 +131,9 @@ def main(argv=None) -> int:
     B, H = args.batch, args.heads
     rows, start = [], time.perf_counter()
     for D in args.dims:
-        for label, core, decay, fla_name in CASES:
+        for i, (label, core, decay, fla_name) in enumerate(CASES):
+            if args.cases is not None and i not in args.cases:
+                continue
             if args.budget and time.perf_counter() - start > args.budget:
                 print(f"budget of {args.budget} s spent: skipping {label}, K=V={D}", flush=True)
                 continue
@@ -147,11 +151,16 @@ def main(argv=None) -> int:
                 for name, run in runs.items():
                     if run is None or (name == "torch" and T > args.torch_up_to):
                         continue
-                    try:
-                        row[name] = (bench(run, x, False), bench(run, x, True))
-                    except Exception as e:  # a peer that fails on this machine: report, go on
-                        row[name] = (float("nan"), float("nan"))
-                        row.setdefault("notes", []).append(f"{name}: {type(e).__name__}: {e}"[:200])
+                    times = []
+                    for backward in (False, True):
+                        try:
+                            times.append(bench(run, x, backward))
+                        except Exception as e:  # a peer that fails here: report it, go on
+                            times.append(float("nan"))
+                            row.setdefault("notes", []).append(
+                                f"{name} {'fwd+bwd' if backward else 'fwd'}, {label}: "
+                                f"{type(e).__name__}: {e}"[:240])
+                    row[name] = tuple(times)
                 rows.append(row)
                 print(f"[{time.perf_counter() - start:6.1f} s] " + _line(row), flush=True)
                 if args.out:
