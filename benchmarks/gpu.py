@@ -139,7 +139,8 @@ def main(argv=None) -> int:
                 continue
             site = load_site(core_spec(core, H=H, K=D, V=D, decay=decay, scale=D ** -0.5),
                              f"bench_{core}_{decay}_{D}")
-            runs = {"seqdsl": seqdsl_fn(site, core), "fla": fla_fn(fla_name, core, decay, D ** -0.5),
+            runs = {"seqdsl": seqdsl_fn(site, core),
+                    "fla": fla_fn(fla_name, core, decay, D ** -0.5),
                     "torch": torch_fn(core, D ** -0.5)}
             for T in args.lengths:
                 x = inputs(core, decay, B, T, H, D, D, torch.bfloat16)
@@ -197,7 +198,8 @@ def _report(rows, B, H, triton_version):
         f = r.get("fla", (float("nan"),) * 2)
         t = r.get("torch", (float("nan"),) * 2)
         out.append(f"| {r['case']} | {r['D']} | {r['T']} | {s[0]:.3f} | {f[0]:.3f} | "
-                   f"{f[0] / s[0]:.2f} | {t[0]:.3f} | {s[1]:.3f} | {f[1]:.3f} | {f[1] / s[1]:.2f} | "
+                   f"{f[0] / s[0]:.2f} | {t[0]:.3f} | {s[1]:.3f} | {f[1]:.3f} | "
+                   f"{f[1] / s[1]:.2f} | "
                    f"{t[1]:.3f} | {r['err'].get('seqdsl', float('nan')):.1e} | "
                    f"{r['err'].get('fla', float('nan')):.1e} |")
     notes = [n for r in rows for n in r.get("notes", [])]

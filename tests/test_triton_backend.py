@@ -30,7 +30,8 @@ from conftest import MODEL_SPECS, ROOT, prefix_then_steps, tiny_overrides  # noq
 import triton_harness as th  # noqa: E402  (where the kernels run: th.DEVICE)
 
 pytestmark = th.runs_kernels
-interpreter_only = pytest.mark.skipif(not th.ts.INTERPRET, reason="checks the interpreter's refusal")
+interpreter_only = pytest.mark.skipif(not th.ts.INTERPRET,
+                                      reason="checks the interpreter's refusal")
 
 
 def _kernels(module):

@@ -147,6 +147,40 @@ def test_linear_chunk_strong_decay_gradient(decay, final_loss):
         assert_close(g[name], g2[name], torch.float32, f"d{name}")
 
 
+@pytest.fixture
+def gpu_like_scan(monkeypatch):
+    """The interpreter's tl.cumsum rounded another way (summed in float64, then rounded): a GPU's
+    parallel scan rounds differently from numpy's sequential fp32 cumsum, and from tl.sum."""
+    if th.DEVICE != "cpu":
+        pytest.skip("patches triton's interpreter")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def cumsum(self, x):
+        data = x.handle.data
+        wide = np.cumsum(data.astype(np.float64), axis=self.axis)
+        return [self.to_tensor(wide.astype(data.dtype), dtype=x.dtype)]
+    monkeypatch.setattr(interpreter.ScanOps, "cumsum", cumsum)
+
+
+@pytest.mark.parametrize("decay", ["scalar", "key"])
+def test_linear_chunk_decay_exponents_from_one_rounding(decay, gpu_like_scan):
+    """Chunks of 32 at about -8 per step (cumulative log decays to -256) with the cumsum rounded
+    unlike the kernels' other sums: every exponent must come from the one cumsum G (its rows for
+    G_j, its last row for the chunk's total), else the per-key dg was 7.8e-5 and o 7.4e-6 off
+    (measured here; on an H100, dg 1.1e-4)."""
+    x, w, cu = inputs("linear", decay, 2, 2, T=70)
+    x["g"] = -8 * (0.5 + torch.rand(x["g"].shape, generator=torch.Generator().manual_seed(5)))
+    o, S, g = grads(lambda a: run_kernel("linear", decay, 2, 2, a, cu,
+                                         extras={"chunk_bt_interpret": 32}), x, w)
+    xd, wd = {n: t.double() for n, t in x.items()}, tuple(t.double() for t in w)
+    o2, S2, g2 = grads(lambda a: run_ref("linear", a, cu), xd, wd)
+    assert_close(o, o2, torch.float32, "o")
+    assert_close(S, S2, torch.float32, "final state")
+    for name in x:
+        assert_close(g[name], g2[name], torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("rate", [0.5, 8.0])
 def test_linear_complex_strict_kernel_gradients(rate):
     """linear_complex through the per-key chunk kernels (GateLoop's Triton path), magnitudes of

@@ -281,5 +281,5 @@ def generate(program: Program) -> dict[str, str]:
     return {"model.py": model, "kernels.py": render_kernels(program, sites)}
 
 
-__all__ = ["fuse_prologues", "kernel_spec", "core_spec", "KernelSites", "generate", "render_kernels",
-           "site_source", "load_site"]
+__all__ = ["fuse_prologues", "kernel_spec", "core_spec", "KernelSites", "generate",
+           "render_kernels", "site_source", "load_site"]
