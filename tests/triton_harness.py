@@ -11,9 +11,7 @@ stay on the CPU, only the kernel calls move.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from seqdsl.backends.triton import support as ts  # noqa: E402
+from seqdsl.backends.triton.codegen import import_source  # noqa: E402
 
 #: where the kernels run: CPU tensors under the interpreter, else the GPU if there is one (None:
 #: neither, the runtime tests skip)
@@ -82,14 +81,7 @@ def load(template: str, spec, prefix: str):
 
 def load_source(source: str, prefix: str):
     """Import generated source as a fresh module, from a file (``triton.jit`` reads the source)."""
-    name = f"seqdsl_kernels_{prefix}_{abs(hash(source)) % 10**12}"
-    path = _DIR / f"{name}.py"
-    path.write_text(source)
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    module_spec.loader.exec_module(module)
-    return module
+    return import_source(source, f"seqdsl_kernels_{prefix}_{abs(hash(source)) % 10**12}", _DIR)
 
 
 def sm90_report(template: str, spec, prefix: str) -> list[dict]:

@@ -247,14 +247,28 @@ def site_source(spec: KernelSpec, name: str = "site") -> str:
     return _render(spec.spec_ref or "<site>", {name: spec})
 
 
+def import_source(source: str, module_name: str, folder: Path):
+    """Execute generated source as the module ``module_name`` (registered in ``sys.modules``),
+    from a file written to ``folder`` first: ``triton.jit`` reads a kernel's source from its file."""
+    import importlib.util
+    import sys
+
+    path = Path(folder) / f"{module_name}.py"
+    path.write_text(source)
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
 _SITE_DIR: Path | None = None
 
 
 def load_site(spec: KernelSpec, name: str = "site"):
-    """Import :func:`site_source` as a fresh module (written to a private temporary folder first:
-    ``triton.jit`` reads a kernel's source from its file) and return the site object."""
+    """Import :func:`site_source` (:func:`import_source`, into a private temporary folder; once
+    per distinct source) and return the site object."""
     import hashlib
-    import importlib.util
     import sys
     import tempfile
 
@@ -263,14 +277,8 @@ def load_site(spec: KernelSpec, name: str = "site"):
         _SITE_DIR = Path(tempfile.mkdtemp(prefix="seqdsl-sites-"))
     source = site_source(spec, name)
     module_name = f"seqdsl_site_{name}_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
-    if module_name not in sys.modules:
-        path = _SITE_DIR / f"{module_name}.py"
-        path.write_text(source)
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
-    return getattr(sys.modules[module_name], name)
+    module = sys.modules.get(module_name) or import_source(source, module_name, _SITE_DIR)
+    return getattr(module, name)
 
 
 def generate(program: Program) -> dict[str, str]:
@@ -282,4 +290,4 @@ def generate(program: Program) -> dict[str, str]:
 
 
 __all__ = ["fuse_prologues", "kernel_spec", "core_spec", "KernelSites", "generate",
-           "render_kernels", "site_source", "load_site"]
+           "render_kernels", "site_source", "import_source", "load_site"]
