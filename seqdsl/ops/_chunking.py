@@ -233,6 +233,25 @@ def strict_then_last(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int
     return (o_T if head is None else torch.cat([head, o_T], dim=1)), state
 
 
+def strict_without_last_write(fn: Callable, seqs: tuple, key: int, state: Tensor | None,
+                              chunk: int, heads: int, args: tuple):
+    """:func:`strict_then_last` for cores whose last step acts on the state only through its
+    write (``S_T = decay_T ⊙ S_{T-1} + k_T v_Tᵀ``, every ``linear`` decay): one strict pass over
+    all T with the last step's key (``seqs[key]``) zeroed. Its only pairs are then the diagonal
+    one, which the strict form leaves out of the output, and the write into the final state, which
+    it drops. So the pass returns every strict output and ``S_T`` less the last write, with no
+    decay factor touching either; the caller adds that write (and every own write) directly.
+    One segmented pass instead of a pass over T - 1 steps, a last step and a concatenation
+    (measured 12% faster forward + backward for a scalar decay at T = 2048)."""
+    k = seqs[key]
+    T = k.shape[1]
+    # by split and cat: the backward is one split (no zero-filled copy of the whole input)
+    head = k.split([T - 1, 1], dim=1)[0]
+    zeroed = torch.cat([head, k.new_zeros(k.shape[0], 1, *k.shape[2:])], dim=1)
+    seqs = (*seqs[:key], zeroed, *seqs[key + 1:])
+    return over_segments(fn, seqs, state, chunk, heads, *args)
+
+
 def cumsum_to_end(x: Tensor, dim: int) -> Tensor:
     """Exclusive reverse cumulative sum: ``out[t] = sum_{s > t} x[s]`` along ``dim``."""
     rev = x.flip(dim).cumsum(dim).flip(dim)               # sum_{s >= t}
@@ -258,5 +277,6 @@ def checkpointed(fn: Callable, *args):
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
            "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast", "SEGMENT_CHUNKS",
-           "SEGMENT_MIN_CHUNKS", "over_segments", "cumsum_to_end", "sub_chunk_size",
+           "SEGMENT_MIN_CHUNKS", "over_segments", "strict_then_last",
+           "strict_without_last_write", "cumsum_to_end", "sub_chunk_size",
            "checkpointed"]

@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from ._chunking import compute_dtype, default_scale, output_dtype, strict_then_last
+from ._chunking import (compute_dtype, default_scale, output_dtype,
+                        strict_without_last_write)
 from ._varlen import varlen_call
 from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
 
@@ -102,15 +103,15 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
     ``k_T v_Tᵀ``, with neither decay nor rotation; through the lowered form they would carry
     ``e^{±iΦ}`` (and ``e^{±G}``) factors whose derivatives cancel to O(1), while the gradient
     of a strong decay's phase or magnitude is of order ``e^{g}`` (3e-4 relative RMS at
-    -8/step). So the strict lowered form runs through :func:`strict_then_last` (the last step
-    is the decay of ``S_{T-1}``) and the own writes are added directly, the last one after the
-    rotation back to the complex state. ``inner`` (a kernel taking ``strict``, or None: the
-    torch per-key form) runs the strict form wherever a segment has more than one step.
+    -8/step). So the strict lowered form runs through :func:`strict_without_last_write` and
+    the own writes are added directly, the last one after the rotation back to the complex
+    state. ``inner`` (a kernel taking ``strict``, or None: the torch per-key form) runs the
+    strict form wherever a segment has more than one step.
     """
     if inner is None:
         q2, k2, v = _expand_heads(q2, k2, v)
     q, k, _ = _expand_heads(q, k, v)
-    B, _, H, K = q.shape
+    _, _, H, K = q.shape
 
     def strict_form(q2, k2, v, g2, S, chunk, strict):
         if inner is not None and q2.shape[1] > 1:
@@ -119,17 +120,10 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
         q2, k2, v = _expand_heads(q2 * scale, k2, v)
         return _chunked_per_key(q2, k2, v, g2, S, chunk, strict)
 
-    def last(S, q_T, k_T, v_T, g_T):
-        if S is None:
-            S = q2.new_zeros(B, H, 2 * K, v.shape[-1])
-        S = torch.exp(g_T)[..., None] * S                            # e^{g_T} ⊙ S'_{T-1}
-        # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
-        write = k[:, -1, :, :, None].to(rot.dtype) * v_T[:, :, None, :]
-        S_T = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + write
-        q_T = _expand_heads(q_T[:, None], q_T[:, None], v_T[:, None])[0][:, 0]   # q/k heads
-        return torch.einsum("bhk,bhkv->bhv", q_T, S) * scale, S_T
-
-    o, S = strict_then_last(strict_form, (q2, k2, v, g2), S0, chunk, H, (True,), last)
+    o, S = strict_without_last_write(strict_form, (q2, k2, v, g2), 1, S0, chunk, H, (True,))
+    # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
+    write = k[:, -1, :, :, None].to(rot.dtype) * v[:, -1, :, None, :]
+    S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + write
     own = (q * k).sum(-1)                                            # [B, T, H]
     own = own.real if own.is_complex() else own
     return o.addcmul_((scale * own.to(v.dtype))[..., None], v), S    # + Re(q_t·k_t) v_t
