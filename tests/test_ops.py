@@ -409,7 +409,7 @@ def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state, second_o
 @pytest.mark.parametrize("decay, heads", [("key", 2), ("scalar", 2), ("scalar", 1)])
 @pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
 def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):
-    """The decay's gradient (strict form plus own writes, :func:`strict_without_last_write`)
+    """The decay's gradient (strict form plus own writes, :func:`strict_last_step_apart`)
     against finite differences in float64: per-key and scalar decays, q/k per value head or shared by
     two (``heads`` = 1), several chunks and time segments, the factored (0.3/step) and decay-matrix / pairwise (12/step)
     paths, with and without an initial state, the final state used by the loss or not returned."""

@@ -200,8 +200,8 @@ def over_segments(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int, h
     return torch.cat(outs, dim=1), state
 
 
-def strict_then_last(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int, heads: int,
-                     args: tuple, last: Callable):
+def strict_last_step_apart(fn: Callable, seqs: tuple, drop: int, state: Tensor | None,
+                              chunk: int, heads: int, args: tuple):
     """A chunked form for gradients that are exact under strong decays.
 
     In every chunked form a query t meets a key s <= t through the weight ``e^{G_t - G_s}``.
@@ -212,43 +212,23 @@ def strict_then_last(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int
     through a decay factor:
 
     * ``fn(*seqs, state, chunk, *args)`` runs *strict* (``args`` ends with ``strict=True``:
-      its outputs leave the diagonal pairs out) over the first T - 1 steps, giving their
-      outputs and the state ``S_{T-1}``;
-    * ``last(S_{T-1}, *seqs at step T) -> (o_T, S_T)`` applies the last step's transition to
-      that state (``S_{T-1}`` is None when T = 1 and there is no initial state), reads ``o_T``
-      from it, again without the own write, and adds the last write to the state directly.
+      its outputs leave the diagonal pairs out) over all T, with the last step of
+      ``seqs[drop]`` zeroed: the key of ``linear`` (the last write goes) or β of ``delta``
+      (the last erase and write go). Its last step is then the decay alone, so it returns
+      every strict output and ``S' = decay_T ⊙ S_{T-1}``;
+    * the caller adds the last step's update to ``S'`` directly (and, for an erase, corrects
+      ``o_T``), and every step's own write to the outputs.
 
-    The caller adds every step's own write to the outputs, directly. Plain autograd on the
-    result has no O(1) cancellation. Returns ``(o, S_T)``.
-    """
-    T = next(x for x in seqs if x is not None).shape[1]
-    # by split: under autograd its backward is one cat, where a slice and a select would each
-    # fill a zeroed copy of the whole input
-    parts = [(None, None) if x is None else x.split([T - 1, 1], dim=1) for x in seqs]
-    head = None
-    if T > 1:
-        head, state = over_segments(fn, tuple(p[0] for p in parts), state, chunk, heads, *args)
-    o_T, state = last(state, *(None if p[1] is None else p[1][:, 0] for p in parts))
-    o_T = o_T[:, None]
-    return (o_T if head is None else torch.cat([head, o_T], dim=1)), state
-
-
-def strict_without_last_write(fn: Callable, seqs: tuple, key: int, state: Tensor | None,
-                              chunk: int, heads: int, args: tuple):
-    """:func:`strict_then_last` for cores whose last step acts on the state only through its
-    write (``S_T = decay_T ⊙ S_{T-1} + k_T v_Tᵀ``, every ``linear`` decay): one strict pass over
-    all T with the last step's key (``seqs[key]``) zeroed. Its only pairs are then the diagonal
-    one, which the strict form leaves out of the output, and the write into the final state, which
-    it drops. So the pass returns every strict output and ``S_T`` less the last write, with no
-    decay factor touching either; the caller adds that write (and every own write) directly.
-    One segmented pass instead of a pass over T - 1 steps, a last step and a concatenation
-    (measured 12% faster forward + backward for a scalar decay at T = 2048)."""
-    k = seqs[key]
-    T = k.shape[1]
+    Plain autograd on the result has no O(1) cancellation. One segmented pass, where splitting
+    off the last step (a pass over T - 1 steps, the last step, a concatenation) measured
+    1.04-1.08x slower forward + backward for a scalar-decay ``linear`` at T = 2048 (A/B in
+    one process). Returns ``(o, S')``."""
+    x = seqs[drop]
+    T = x.shape[1]
     # by split and cat: the backward is one split (no zero-filled copy of the whole input)
-    head = k.split([T - 1, 1], dim=1)[0]
-    zeroed = torch.cat([head, k.new_zeros(k.shape[0], 1, *k.shape[2:])], dim=1)
-    seqs = (*seqs[:key], zeroed, *seqs[key + 1:])
+    zeroed = torch.cat([x.split([T - 1, 1], dim=1)[0], x.new_zeros(x.shape[0], 1, *x.shape[2:])],
+                       dim=1)
+    seqs = (*seqs[:drop], zeroed, *seqs[drop + 1:])
     return over_segments(fn, seqs, state, chunk, heads, *args)
 
 
@@ -277,6 +257,5 @@ def checkpointed(fn: Callable, *args):
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
            "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast", "SEGMENT_CHUNKS",
-           "SEGMENT_MIN_CHUNKS", "over_segments", "strict_then_last",
-           "strict_without_last_write", "cumsum_to_end", "sub_chunk_size",
-           "checkpointed"]
+           "SEGMENT_MIN_CHUNKS", "over_segments", "strict_last_step_apart", "cumsum_to_end",
+           "sub_chunk_size", "checkpointed"]

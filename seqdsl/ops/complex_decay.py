@@ -22,7 +22,7 @@ import math
 import torch
 
 from ._chunking import (compute_dtype, default_scale, output_dtype,
-                        strict_without_last_write)
+                        strict_last_step_apart)
 from ._varlen import varlen_call
 from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
 
@@ -103,7 +103,7 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
     ``k_T v_Tᵀ``, with neither decay nor rotation; through the lowered form they would carry
     ``e^{±iΦ}`` (and ``e^{±G}``) factors whose derivatives cancel to O(1), while the gradient
     of a strong decay's phase or magnitude is of order ``e^{g}`` (3e-4 relative RMS at
-    -8/step). So the strict lowered form runs through :func:`strict_without_last_write` and
+    -8/step). So the strict lowered form runs through :func:`strict_last_step_apart` and
     the own writes are added directly, the last one after the rotation back to the complex
     state. ``inner`` (a kernel taking ``strict``, or None: the torch per-key form) runs the
     strict form wherever a segment has more than one step.
@@ -120,7 +120,7 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
         q2, k2, v = _expand_heads(q2 * scale, k2, v)
         return _chunked_per_key(q2, k2, v, g2, S, chunk, strict)
 
-    o, S = strict_without_last_write(strict_form, (q2, k2, v, g2), 1, S0, chunk, H, (True,))
+    o, S = strict_last_step_apart(strict_form, (q2, k2, v, g2), 1, S0, chunk, H, (True,))
     # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
     write = k[:, -1, :, :, None].to(rot.dtype) * v[:, -1, :, None, :]
     S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + write

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
-                        from_chunks, output_dtype, over_segments, strict_then_last, to_chunks,
-                        to_chunks_scaled)
+                        from_chunks, output_dtype, over_segments, strict_last_step_apart,
+                        to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -90,27 +90,24 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
 
 def _with_own_writes(q, k, v, beta, g, S0, chunk, scale):
     """The chunked form with each step's own write, ``scale β_t (q_t·k_t) v_t`` in ``o_t`` and
-    ``β_T k_T v_Tᵀ`` in ``S_T``, added outside the gate's factors (:func:`strict_then_last`),
-    for a gate that needs a gradient: through the factored gate those terms carry two O(1)
-    contributions to the gate's gradient that cancel, where the gradient of a strong gate is of
-    order ``e^{g}`` (relative RMS 1e-4 at -8/step). The strict outputs are
-    ``(tril(P, -1) - P_ii tril(A, -1)) U`` (:func:`_scores_times`)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-
-    def last(S, q_T, k_T, v_T, b_T, g_T):    # S_T = e^{g_T}(I - β_T k_T k_Tᵀ) S + β_T k_T v_Tᵀ
-        bk = b_T[..., None] * k_T
-        write = bk[..., None] * v_T[:, :, None]
-        if S is None:
-            return v_T.new_zeros(B, H, V), write
-        kS = torch.einsum("bhk,bhkv->bhv", k_T, S)
-        S = (S - bk[..., None] * kS[:, :, None]) * torch.exp(g_T)[..., None, None]
-        return torch.einsum("bhk,bhkv->bhv", q_T, S) * scale, S + write
-
-    o, S = strict_then_last(_delta_chunked, (q, k, v, beta, g), S0, chunk, H, (scale, True),
-                            last)
-    own = (scale * beta * (q * k).sum(-1))[..., None]
-    return o.addcmul_(own, v), S             # + scale β_t (q_t·k_t) v_t, in place on the output
+    ``β_T k_T v_Tᵀ`` in ``S_T``, added outside the gate's factors, for a gate that needs a
+    gradient: through the factored gate those terms carry two O(1) contributions to the gate's
+    gradient that cancel, where the gradient of a strong gate is of order ``e^{g}`` (relative
+    RMS 1e-4 at -8/step). The strict outputs are ``(tril(P, -1) - P_ii tril(A, -1)) U``
+    (:func:`_scores_times`). The strict pass runs with the last β zeroed
+    (:func:`strict_last_step_apart`): it returns ``S' = e^{g_T} S_{T-1}``, and the last step's
+    erase and write are applied here: ``S_T = S' + β_T k_T (v_T - S'ᵀk_T)ᵀ``, and
+    ``o_T`` loses ``scale β_T (q_T·k_T) S'ᵀk_T``."""
+    H = q.shape[2]
+    o, S = strict_last_step_apart(_delta_chunked, (q, k, v, beta, g), 3, S0, chunk, H,
+                                     (scale, True))
+    k_T, v_T, b_T = k[:, -1], v[:, -1], beta[:, -1, :, None]
+    kS = torch.einsum("bhk,bhkv->bhv", k_T, S)                      # S'ᵀ k_T: [B, H, V]
+    S = S + (b_T * k_T)[..., None] * (v_T - kS)[:, :, None]
+    own = (scale * beta * (q * k).sum(-1))[..., None]               # [B, T, H, 1]
+    o = o.addcmul_(own, v)                   # + scale β_t (q_t·k_t) v_t, in place on the output
+    o[:, -1].addcmul_(own[:, -1], kS, value=-1)                     # the last erase
+    return o, S
 
 
 def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):

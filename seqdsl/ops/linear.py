@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ._chunking import (LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
                         decay_factors, decay_matrix, default_scale, exp_fast, from_chunks,
-                        output_dtype, over_segments, segsum, strict_without_last_write,
+                        output_dtype, over_segments, segsum, strict_last_step_apart,
                         sub_chunk_size, to_chunks, to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
 from .scan import blocked_scan
@@ -337,7 +337,7 @@ def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
     """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``, q then
     arriving scaled) over time segments. When the decay itself needs a gradient, the strict form
     with each step's own write ``scale (q_t·k_t) v_t`` (and ``k_T v_Tᵀ`` in the final state)
-    added outside the decay factors (:func:`strict_without_last_write`): exact decay gradients
+    added outside the decay factors (:func:`strict_last_step_apart`): exact decay gradients
     under strong decays. q/k may be shared by groups of value heads (scalar decay only)."""
     per_key = g.ndim == 4
     fn, args = (_chunked_per_key, ()) if per_key else (_chunked_scalar, (scale,))
@@ -345,7 +345,7 @@ def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
         return over_segments(fn, (q, k, v, g), S0, chunk, v.shape[2], *args)
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
-    o, S = strict_without_last_write(fn, (q, k, v, g), 1, S0, chunk, H, (*args, True))
+    o, S = strict_last_step_apart(fn, (q, k, v, g), 1, S0, chunk, H, (*args, True))
     # S_T = (e^{g_T} ⊙ S_{T-1}, from the strict pass) + k_T v_Tᵀ
     write = k[:, -1, :, None, :, None] * v[:, -1].view(B, Hq, H // Hq, 1, V)
     own = (q * k).sum(-1)[..., None, None] * scale                   # [B, T, Hq, 1, 1]
