@@ -13,7 +13,7 @@ this machine:
   reaches on matrices of the chunked algorithm's sizes;
 * layers: generated blocks vs transformers' CPU paths (``MambaMixer`` slow path, ``Mamba2Mixer``
   torch path, RecurrentGemma's recurrent block);
-* peak memory of the chunked forward: the rise of the resident high-water mark in a fresh
+* peak memory of every core's chunked forward: the rise of the resident high-water mark in a fresh
   interpreter.
 
 The script re-executes itself with glibc malloc settings that keep large buffers mapped
@@ -121,16 +121,18 @@ def roofline(T: int = 2048, chunk: int = 64, repeats: int = 5):
 
 
 #: run in a fresh interpreter by :func:`peak_memory`: the rise of the resident-set high-water
-#: mark across one chunked forward, its inputs already allocated (and nothing larger before)
+#: mark across one chunked forward of a core case, every input already allocated (and nothing
+#: larger before)
 _PEAK_SNIPPET = """
+import sys
 import torch
-import torch.nn.functional as F
-from seqdsl import ops
-B, T, H, K, V = 1, {T}, {H}, {K}, {V}
-q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
-g = F.logsigmoid(torch.randn(B, T, H) + 3)
-with torch.no_grad():  # one-time costs (thread pools, BLAS buffers) on a tiny input first
-    ops.linear(q[:, :128], k[:, :128], v[:, :128], log_decay=g[:, :128])
+sys.path.insert(0, {bench_dir!r})
+import cores
+def fast(T):
+    return next(f for name, f, _, _ in cores.cases(cores.inputs(T)) if name == {name!r})
+with torch.no_grad():  # one-time costs (thread pools, BLAS buffers) on a short input first
+    fast(128)()
+run = fast({T})
 def kib(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -139,21 +141,46 @@ with open("/proc/self/clear_refs", "w") as f:   # resets the high-water mark to 
     f.write("5")
 before = kib("VmRSS:")
 with torch.no_grad():
-    ops.linear(q, k, v, log_decay=g)
+    run()
 print((kib("VmHWM:") - before) * 1024)
 """
 
 
-def peak_memory(T: int) -> int:
-    """Peak bytes the chunked ``linear`` forward (scalar decay) adds on top of its inputs: the
-    rise of the resident high-water mark (Linux ``VmHWM``, reset through
+#: glibc malloc settings under which the resident set follows live memory: every block of
+#: 128 KiB or more is its own mapping, returned to the system when freed (under
+#: ``STABLE_MALLOC`` freed blocks stay in the heap, and growing temporaries, such as the score
+#: blocks of causal attention, fragment it: the high-water mark then counts the allocator's
+#: retention, not what the forward holds)
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def peak_memory(name: str, T: int) -> int:
+    """Peak bytes the chunked forward of core case ``name`` (of ``cores.cases``) adds on top
+    of its inputs: the rise of the resident high-water mark (Linux ``VmHWM``, reset through
     ``/proc/self/clear_refs``) in a fresh interpreter, whose heap holds no freed pages that
     would hide the rise (``ru_maxrss`` would not do: Linux carries it across ``exec``)."""
     import subprocess
-    code = _PEAK_SNIPPET.format(T=T, H=cores.H, K=cores.K, V=cores.V)
+    code = _PEAK_SNIPPET.format(T=T, name=name, bench_dir=str(Path(__file__).resolve().parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=os.environ)
+                         check=True, env={**os.environ, **LIVE_MALLOC})
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def peak_table(lengths) -> list[str]:
+    """Markdown rows: each core's peak memory beyond its inputs at each T, in MiB and per
+    ``T·H·(K+V)·4`` bytes (the size of q, k and v in fp32: O(T·(K+V)) per head when that
+    ratio stays flat as T grows)."""
+    names = [name for name, *_ in cores.cases(cores.inputs(8))]
+    rows = ["| core | " + " | ".join(f"T={T}: MiB, x T*H*(K+V)*4" for T in lengths) + " |",
+            "|---|" + "---|" * len(lengths)]
+    for name in names:
+        cells = []
+        for T in lengths:
+            peak = peak_memory(name, T)
+            per = T * cores.H * (cores.K + cores.V) * 4
+            cells.append(f"{peak / 2**20:.1f}, {peak / per:.2f}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -236,9 +263,7 @@ def main():
         ours = {(name, T): min(bench(fn, 2) for _ in range(ROUNDS))
                 for name, T, fn, _ in layers}
     achieved, rate = roofline(repeats=repeats)
-    T_peak = 8192 if not args.quick else 2048
-    peak = peak_memory(T_peak)
-    per = T_peak * cores.H * (cores.K + cores.V) * 4
+    peaks = peak_table([2048] if args.quick else [2048, 8192])
     with_ref = [T for T in lengths if T <= 2048]
     fwd_ref = core_times(with_ref, repeats, references=True)
     with torch.no_grad():
@@ -261,8 +286,8 @@ def main():
     lines += [f"Roofline, `linear` with scalar decay at T=2048: {achieved / 1e9:.1f} GFLOP/s of "
               f"{rate / 1e9:.1f} GFLOP/s (torch.bmm on the same shapes) = {achieved / rate:.0%}.",
               "",
-              f"Peak memory of the chunked `linear` forward at T={T_peak}, beyond its inputs: "
-              f"{peak / 2**20:.1f} MiB = {peak / per:.1f} x T*H*(K+V)*4 bytes.", ""]
+              "## Peak memory of each chunked forward beyond its inputs (B=1, H=4, K=V=64)", "",
+              *peaks, ""]
     lines += ["## Layers, forward (B=1), ms", "",
               "| layer vs peer | T | seqdsl | peer | speed-up |", "|---|---|---|---|---|"]
     for (name, T), fast in ours.items():

@@ -66,21 +66,17 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     K = q.shape[-1]
     real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
-    # cumulative angle in float64, reduced mod 2π: fp32 cumsums of angles lose absolute precision;
-    # once reduced, cos and sin in the working dtype (|Φ| <= π: an absolute error of ~1 ulp of π)
-    angle = phase.double().cumsum(1)                                         # Φ_t [B, T, H, K]
-    # Φ - 2π·round(Φ / 2π) in [-π, π]: three float64 passes, ~4x cheaper than torch.remainder
-    turns = torch.round(angle * (1 / (2 * math.pi)))
-    angle = torch.addcmul(angle, turns, angle.new_tensor(-2 * math.pi)).to(real)
+    angle = _cumulative_angle(phase, real)                                   # Φ_t [B, T, H, K]
     cos, sin = torch.cos(angle), torch.sin(angle)
     q2, k2 = _rotate(q, cos, sin, real, 1.0), _rotate(k, cos, sin, real, -1.0)  # [B, T, H, 2K]
+    rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                      # e^{iΦ_T}
+    del angle, cos, sin     # (without autograd: not held while the core runs)
     g2 = torch.cat([log_magnitude, log_magnitude], dim=-1).to(real)        # [B, T, H, 2K]
     S0 = None
     if initial_state is not None:
         S0 = initial_state.to(cplx)
         S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
     scale = default_scale(scale, K)
-    rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                      # e^{iΦ_T}
     if torch.is_grad_enabled() and (phase.requires_grad or log_magnitude.requires_grad) and (
             inner is None or _takes_strict(inner)):
         o, S = _strict_with_own_writes(q, k, v.to(real), q2, k2, g2, S0, rot, chunk_size, scale,
@@ -94,6 +90,17 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
         # S_T = e^{iΦ_T} (S'_re + i S'_im): [B, H, 2K, V] -> [B, H, K, V] complex
         S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
     return o.to(_real_dtype(q, k, v)), S
+
+
+def _cumulative_angle(phase: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Φ_t = Σ_{r<=t} phase_r`` along dim 1, reduced to [-π, π], in ``dtype``: summed in
+    float64 (fp32 cumulative sums of angles lose absolute precision), then cos and sin may be
+    taken in the working dtype (an absolute error of ~1 ulp of π). The float64 temporaries
+    live only here."""
+    angle = phase.double().cumsum(1)
+    # Φ - 2π·round(Φ / 2π): three float64 passes, ~4x cheaper than torch.remainder
+    turns = torch.round(angle * (1 / (2 * math.pi)))
+    return torch.addcmul(angle, turns, angle.new_tensor(-2 * math.pi)).to(dtype)
 
 
 def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=None):
