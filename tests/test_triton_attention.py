@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E402  (read when triton is imported)
@@ -70,17 +69,12 @@ def render_source(spec: KernelSpec, prefix: str, trim: bool = True) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load(spec: KernelSpec, prefix: str = "attn") -> types.ModuleType:
-    """The rendered fragment as a module. The source goes to a file first so that triton
-    (inspect.getsource) can read it back."""
+def load(spec: KernelSpec, prefix: str = "attn"):
+    """The rendered fragment as a module (the harness's file-backed import: triton reads the
+    kernels' source back)."""
     src = render_source(spec, prefix)
     ast.parse(src)
-    path = Path(tempfile.mkdtemp(prefix="seqdsl-attn-")) / f"{prefix}.py"
-    path.write_text(src)
-    module = types.ModuleType(f"seqdsl_test_{prefix}_{abs(hash(spec))}")
-    module.__file__ = str(path)
-    exec(compile(src, str(path), "exec"), module.__dict__)
-    return module
+    return th.load_source(src, prefix)
 
 
 def spec(H=2, HKV=0, K=16, V=16, scale=None, window=None, softcap=None) -> KernelSpec:
