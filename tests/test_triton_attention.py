@@ -191,16 +191,22 @@ def test_flash_fp16(name):
 @needs_interpreter
 @pytest.mark.parametrize("name", ["gqa", "window"])
 def test_flash_single_step(name):
-    """T=1: one key per query, so the softmax is 1 and dq, dk are 0 (up to rounding)."""
+    """T=1: one key per query, so the softmax is 1 and dq, dk are 0 up to rounding: the
+    kernels form ``dP - D = do·v - do·o`` with ``o`` = v rounded, so each is bounded by a few
+    ulps of the V-term dot products, times ``scale·|k|`` (or ``|q|``)."""
     s = SPECS[name]
     q, k, v = inputs(s, 3, 1)
-    do = torch.randn(3, 1, s.H, s.V)
+    do = torch.randn(3, 1, s.H, s.V, generator=torch.Generator().manual_seed(1))
     got = grads(th.on_device(load(s).attn_flash), q, k, v, do)
     want = grads(lambda *a: reference(s, *a), q, k, v, do)
     assert_close(got[0], want[0], torch.float32, f"{name} T=1 o")
     assert_close(got[3], want[3], torch.float32, f"{name} T=1 dv")
-    for what, a, b in zip(("dq", "dk"), got[1:3], want[1:3]):
-        assert b.abs().max() == 0 and a.abs().max() < 1e-6, f"{name} T=1 {what}"
+    eps = torch.finfo(torch.float32).eps
+    dots = 4 * s.V * eps * float(do.abs().max() * v.abs().max()) * s.scale
+    for what, a, b, other in zip(("dq", "dk"), got[1:3], want[1:3], (k, q)):
+        bound = dots * float(other.abs().max())
+        assert b.abs().max() == 0 and a.abs().max() <= bound, (
+            f"{name} T=1 {what}: max |{what}| {float(a.abs().max()):.3g} > {bound:.3g}")
 
 
 @needs_interpreter
@@ -256,8 +262,9 @@ def test_decode(name, L):
 def test_decode_half(dtype):
     """16-bit in and out (the decode kernel has no tl.dot, so bf16 runs under the interpreter)."""
     s = SPECS["window"]
-    q, kc, vc = (x.to(dtype) for x in (torch.randn(2, s.H, s.K), torch.randn(2, 23, s.hkv, s.K),
-                                       torch.randn(2, 23, s.hkv, s.V)))
+    g = torch.Generator().manual_seed(0)
+    q, kc, vc = (torch.randn(*shape, generator=g).to(dtype)
+                 for shape in ((2, s.H, s.K), (2, 23, s.hkv, s.K), (2, 23, s.hkv, s.V)))
     got = th.on_device(load(s).attn_decode)(q, kc, vc)
     assert got.dtype == dtype
     want = attention_decode(q.float(), kc.float(), vc.float(), window=s.window, scale=s.scale)
