@@ -153,6 +153,21 @@ def decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None
     return torch.exp(G).to(dtype), torch.exp(-G).to(dtype)
 
 
+def centred_decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(e^{G - m}, e^{m - G})`` in ``dtype`` with ``m`` the midpoint of each row's range
+    (``G [..., C]`` float64 cumulative log decays), or None when some row spans more than
+    ``4 · FACTOR_LIMIT``. ``e^{G_i - G_j} = e^{G_i - m} · e^{m - G_j}`` with every factor
+    within ``e^{±2·FACTOR_LIMIT}``: twice the range of :func:`decay_factors`. For a product
+    that scales a causal (lower-triangular, zero above the diagonal) matrix one factor at a
+    time, so that ``e^{G_i - G_j}`` itself, up to ``e^{4·FACTOR_LIMIT}`` above the diagonal,
+    is never formed; each factor rounded once from float64, as in :func:`decay_factors`."""
+    low, high = G.detach().amin(-1, keepdim=True), G.detach().amax(-1, keepdim=True)
+    if float((high - low).max()) > 4 * FACTOR_LIMIT:
+        return None
+    centred = G - 0.5 * (low + high)      # (m carries no gradient: the product does not read it)
+    return torch.exp(centred).to(dtype), torch.exp(-centred).to(dtype)
+
+
 #: log2(e): ``e^x = 2^{x·log2(e)}``
 LOG2E = 1.4426950408889634
 
@@ -256,6 +271,7 @@ def checkpointed(fn: Callable, *args):
 
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
+           "centred_decay_factors",
            "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast", "SEGMENT_CHUNKS",
            "SEGMENT_MIN_CHUNKS", "over_segments", "strict_last_step_apart", "cumsum_to_end",
            "sub_chunk_size", "checkpointed"]

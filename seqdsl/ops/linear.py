@@ -26,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (LOG2E, cast, checkpointed, compute_dtype, cumsum_to_end,
-                        decay_factors, decay_matrix, default_scale, exp_fast, from_chunks,
-                        output_dtype, over_segments, segsum, strict_last_step_apart,
+from ._chunking import (LOG2E, cast, centred_decay_factors, checkpointed, compute_dtype,
+                        cumsum_to_end, decay_factors, decay_matrix, default_scale, exp_fast,
+                        from_chunks, output_dtype, over_segments, segsum, strict_last_step_apart,
                         sub_chunk_size, to_chunks, to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
 from .scan import blocked_scan
@@ -256,7 +256,9 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale, strict=False):
         o = o.add_(qc @ S_prev.view(B, Hq, n, K, r * V)).mul_(scale)
     else:
         v_heads = vc.view(B, Hq, n, C, r, V).transpose(3, 4)        # [B, Hq, n, r, C, V]
-        if factors is not None:   # r > 1: (q kᵀ)_ij e^{G_i} e^{-G_j}, per value head
+        if factors is None:       # strong decays: the factors about each chunk's midpoint
+            factors = centred_decay_factors(G, q.dtype)
+        if factors is not None:   # (q kᵀ)_ij e^{G_i - m} e^{m - G_j}, per value head
             e_G, e_negG = factors                                    # [B, Hq, n, r, C]
             P = scores[:, :, :, None] * e_G[..., :, None]            # [B, Hq, n, r, C, C]
             # (each factor finite: the product never forms e^{G_i - G_j} above the diagonal)
