@@ -11,18 +11,26 @@ from seqdsl import ops, runtime as rt  # noqa: E402
 from seqdsl.ops.tolerances import assert_close  # noqa: E402
 
 
-def test_causal_conv_matches_conv1d_and_carries_its_tail():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T", [11, 3, 2, 1])
+def test_causal_conv_matches_conv1d_and_carries_its_tail(bias, T):
+    """Against F.conv1d on the zero-padded input: from no tail (the shifted-slice form, or
+    the concatenated one when T < width - 1), from a tail in two pieces, and the tail
+    carried (the last width - 1 inputs, zeros before the start)."""
     g = torch.Generator().manual_seed(0)
-    conv = rt.CausalConv1d(6, 4)
-    x = torch.randn(2, 11, 6, generator=g)
+    conv = rt.CausalConv1d(6, 4, bias=bias)
+    if bias:
+        torch.nn.init.normal_(conv.bias, generator=g)
+    x = torch.randn(2, T, 6, generator=g)
     y, tail = conv(x)
     padded = F.pad(x.transpose(1, 2), (3, 0))
     expected = F.conv1d(padded, conv.weight, conv.bias, groups=6).transpose(1, 2)
-    assert_close(y, expected, torch.float32, "conv vs F.conv1d")
-    y1, t1 = conv(x[:, :5])
-    y2, _ = conv(x[:, 5:], t1)
-    assert_close(torch.cat([y1, y2], 1), y, torch.float32, "conv in two pieces")
-    assert torch.equal(tail, x[:, -3:])
+    assert_close(y, expected, torch.float32, f"conv vs F.conv1d, T={T}")
+    assert torch.equal(tail, padded.transpose(1, 2)[:, -3:])
+    cut = T // 2
+    y1, t1 = conv(x[:, :cut]) if cut else (x[:, :0], None)
+    y2, _ = conv(x[:, cut:], t1)
+    assert_close(torch.cat([y1, y2], 1), y, torch.float32, f"conv in two pieces, T={T}")
 
 
 def test_conv_resets_between_packed_sequences():
