@@ -216,7 +216,7 @@ def over_segments(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int, h
 
 
 def strict_last_step_apart(fn: Callable, seqs: tuple, drop: int, state: Tensor | None,
-                              chunk: int, heads: int, args: tuple):
+                           chunk: int, heads: int, args: tuple):
     """A chunked form for gradients that are exact under strong decays.
 
     In every chunked form a query t meets a key s <= t through the weight ``e^{G_t - G_s}``.
@@ -271,7 +271,6 @@ def checkpointed(fn: Callable, *args):
 
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
-           "centred_decay_factors",
-           "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast", "SEGMENT_CHUNKS",
-           "SEGMENT_MIN_CHUNKS", "over_segments", "strict_last_step_apart", "cumsum_to_end",
-           "sub_chunk_size", "checkpointed"]
+           "centred_decay_factors", "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast",
+           "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "over_segments", "strict_last_step_apart",
+           "cumsum_to_end", "sub_chunk_size", "checkpointed"]

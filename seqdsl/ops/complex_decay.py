@@ -21,8 +21,7 @@ import math
 
 import torch
 
-from ._chunking import (compute_dtype, default_scale, output_dtype,
-                        strict_last_step_apart)
+from ._chunking import compute_dtype, default_scale, output_dtype, strict_last_step_apart
 from ._varlen import varlen_call
 from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
 

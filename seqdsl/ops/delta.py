@@ -100,7 +100,7 @@ def _with_own_writes(q, k, v, beta, g, S0, chunk, scale):
     ``o_T`` loses ``scale β_T (q_T·k_T) S'ᵀk_T``."""
     H = q.shape[2]
     o, S = strict_last_step_apart(_delta_chunked, (q, k, v, beta, g), 3, S0, chunk, H,
-                                     (scale, True))
+                                  (scale, True))
     k_T, v_T, b_T = k[:, -1], v[:, -1], beta[:, -1, :, None]
     kS = torch.einsum("bhk,bhkv->bhv", k_T, S)                      # S'ᵀ k_T: [B, H, V]
     S = S + (b_T * k_T)[..., None] * (v_T - kS)[:, :, None]
