@@ -260,12 +260,12 @@ def measure(lengths, repeats) -> dict:
     return out
 
 
-def _best(a, b):
-    """The better of two measurements of one case: the lower time (per entry of a tuple),
-    ignoring a missing (nan) one; for the roofline's (achieved, rate), the higher rates."""
+def _best(a, b, pick=min):
+    """The better of two measurements of one case, per entry of a tuple, ignoring a missing
+    (nan) one: ``pick=min`` for times, ``pick=max`` for rates (the roofline)."""
     if isinstance(a, (tuple, list)):
-        return tuple(_best(x, y) for x, y in zip(a, b))
-    return b if a != a else a if b != b else min(a, b)
+        return tuple(_best(x, y, pick) for x, y in zip(a, b))
+    return b if a != a else a if b != b else pick(a, b)
 
 
 def measure_processes(lengths, repeats, processes: int, quick: bool) -> dict:
@@ -281,16 +281,13 @@ def measure_processes(lengths, repeats, processes: int, quick: bool) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--child", f.name,
                             *(["--quick"] if quick else [])], check=True, env=os.environ)
-            data = json.load(open(f.name))
+            data = json.loads(Path(f.name).read_text())
         for table, rows in data.items():
-            got = {(name, int(T)): tuple(v) if isinstance(v, list) else v
-                   for name, T, v in rows}
-            if table == "roofline":   # rates: higher is better
-                got = {k: (-a, -r) for k, (a, r) in got.items()}
+            pick = max if table == "roofline" else min      # rates: higher is better
             mine = merged.setdefault(table, {})
-            for key, value in got.items():
-                mine[key] = _best(mine[key], value) if key in mine else value
-    merged["roofline"] = {k: (-a, -r) for k, (a, r) in merged["roofline"].items()}
+            for name, T, value in rows:
+                key, value = (name, int(T)), tuple(value) if isinstance(value, list) else value
+                mine[key] = _best(mine[key], value, pick) if key in mine else value
     return merged
 
 
