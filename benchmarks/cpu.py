@@ -13,7 +13,8 @@ on this machine; with ``--processes N``, in each of N fresh processes, keeping e
 * roofline: the `linear` core with a scalar decay, as a fraction of the FLOP rate ``torch.bmm``
   reaches on matrices of the chunked algorithm's sizes;
 * layers: generated blocks vs transformers' CPU paths (``MambaMixer`` slow path, ``Mamba2Mixer``
-  torch path, RecurrentGemma's recurrent block);
+  torch path, RecurrentGemma's recurrent block), forward, and forward+backward (a training
+  step's gradients of the input and every parameter) up to T = 2048;
 * peak memory of every core's chunked forward: the rise of the resident high-water mark in a fresh
   interpreter.
 
@@ -197,7 +198,8 @@ def _mixer_only(spec: str, mixer: str, **overrides):
 
 
 def layer_cases(lengths):
-    """(name, T, ours, peer) for every layer comparison, each a zero-argument callable."""
+    """(name, T, ours, peer, leaves) for every layer comparison: two zero-argument callables and
+    the tensors a training step differentiates (the input and both layers' parameters)."""
     import transformers as tf
     mamba_cfg = tf.MambaConfig(hidden_size=768, state_size=16, expand=2, conv_kernel=4,
                                num_hidden_layers=1, vocab_size=100)
@@ -217,16 +219,21 @@ def layer_cases(lengths):
     def ours(block, x):
         return lambda: block(x, {}, None, 0)
 
+    def leaves(x, *modules):
+        return [x] + [p for m in modules for p in m.parameters()]
+
     cases = []
     for T in lengths:
-        x, xr, pos = torch.randn(1, T, 768), torch.randn(1, T, 1024), torch.arange(T)[None]
+        x, xr = torch.randn(1, T, 768).requires_grad_(), torch.randn(1, T, 1024).requires_grad_()
+        pos = torch.arange(T)[None]
         cases += [
             ("Mamba mixer vs MambaMixer (CPU path)", T, ours(ours_mamba, x),
-             lambda x=x: hf_mamba(x)),
+             lambda x=x: hf_mamba(x), leaves(x, ours_mamba, hf_mamba)),
             ("Mamba-2 mixer vs Mamba2Mixer (torch path)", T, ours(ours_mamba2, x),
-             lambda x=x: hf_mamba2(x)),
+             lambda x=x: hf_mamba2(x), leaves(x, ours_mamba2, hf_mamba2)),
             ("Griffin RG-LRU mixer vs RecurrentGemma recurrent block", T, ours(ours_rg, xr),
-             lambda xr=xr, pos=pos: hf_rg(xr, pos, None, use_cache=False)),
+             lambda xr=xr, pos=pos: hf_rg(xr, pos, None, use_cache=False),
+             leaves(xr, ours_rg, hf_rg)),
         ]
     return cases
 
@@ -247,13 +254,18 @@ def measure(lengths, repeats) -> dict:
     layers = layer_cases(lengths)
     with torch.no_grad():
         out["ours"] = {(name, T): min(bench(fn, 2) for _ in range(ROUNDS))
-                       for name, T, fn, _ in layers}
+                       for name, T, fn, _, _ in layers}
+    train = [case for case in layers if case[1] <= 2048]
+    out["ours_bwd"] = {(name, T): min(bench(fwd_bwd(fn, x), 1) for _ in range(ROUNDS))
+                       for name, T, fn, _, x in train}
     out["roofline"] = {("linear", 2048): roofline(repeats=repeats)}
     with_ref = [T for T in lengths if T <= 2048]
     out["fwd_ref"] = core_times(with_ref, repeats, references=True)
     with torch.no_grad():
         out["peers"] = {(name, T): min(bench(fn, 1) for _ in range(ROUNDS))
-                        for name, T, _, fn in layers}
+                        for name, T, _, fn, _ in layers}
+    out["peers_bwd"] = {(name, T): min(bench(fwd_bwd(fn, x), 1) for _ in range(ROUNDS))
+                        for name, T, _, fn, x in train}
     out["bwd"] = core_times(lengths[:2], 2, backward=True)
     out["bwd_ref"] = core_times([T for T in lengths[:2] if T <= 2048], 2, backward=True,
                                 references=True)
@@ -339,12 +351,15 @@ def main():
               "",
               "## Peak memory of each chunked forward beyond its inputs (B=1, H=4, K=V=64)", "",
               *peaks, ""]
-    lines += ["## Layers, forward (B=1), ms", "",
-              "| layer vs peer | T | seqdsl | peer | speed-up |", "|---|---|---|---|---|"]
-    for (name, T), fast in m["ours"].items():
-        peer = m["peers"][name, T]
-        lines.append(f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |")
-    text = "\n".join(lines) + "\n"
+    for title, ours, peers in (("forward", m["ours"], m["peers"]),
+                               ("forward + backward", m["ours_bwd"], m["peers_bwd"])):
+        lines += [f"## Layers, {title} (B=1), ms", "",
+                  "| layer vs peer | T | seqdsl | peer | speed-up |", "|---|---|---|---|---|"]
+        for (name, T), fast in ours.items():
+            peer = peers[name, T]
+            lines.append(f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |")
+        lines.append("")
+    text = "\n".join(lines)
     print(text)
     (Path(__file__).parent / "RESULTS.md").write_text(text)
 

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (LOG2E, cast, centred_decay_factors, checkpointed, compute_dtype,
+from ._chunking import (LOG2E, cast, centred_decay_factors, compute_dtype,
                         cumsum_to_end, decay_factors, decay_matrix, default_scale, exp_fast,
                         from_chunks, output_dtype, over_segments, segsum, strict_last_step_apart,
                         sub_chunk_size, to_chunks, to_chunks_scaled, within_factor_limit)
@@ -486,23 +486,25 @@ def _chunk_loop_state_decay(q, k, v, g, S0):
     from the state entering it, and its outputs ``S_tᵀ q_t`` one batched product. So memory is
     O(window · K · V) per head, never O(T · K · V), and the work is a few passes over the window
     in a few dozen ops (a step loop costs one op per step, on a state of a few thousand
-    entries: dominated by per-op overhead on a CPU). With autograd each window is recomputed in
-    the backward pass, so no ``[B, T, H, K, V]`` tensor is ever stored either.
+    entries: dominated by per-op overhead on a CPU). With autograd each window is one
+    :class:`_WindowScan`: its backward recomputes the window's states and runs the adjoint scan
+    backwards in time, so no ``[B, T, H, K, V]`` tensor is ever stored either.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V) if S0 is None else S0
     window = max(8, 2 ** int(math.log2(max(1, WINDOW_ELEMENTS // (B * H * K * V)))))
+    A, dt, log_decay = (*g, None) if isinstance(g, tuple) else (None, None, g)
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, log_decay, A, dt, S))
+    # windows by split, not by slicing: a slice's backward writes its gradient into a zero-filled
+    # tensor of the whole input (O(T²) over all windows), where split's backward is one cat
+    q_, k_, v_, g_, dt_ = ([None] * -(-T // window) if x is None else x.split(window, dim=1)
+                           for x in (q, k, v, log_decay, dt))
     outs = []
-    for t0 in range(0, T, window):
-        part = slice(t0, t0 + window)
-        if isinstance(g, tuple):
-            A, dt = g
-            o, S = checkpointed(_factored_decay_window, q[:, part], k[:, part], v[:, part], A,
-                                dt[:, part], S)
-        else:
-            o, S = checkpointed(_state_decay_window, q[:, part], k[:, part], v[:, part],
-                                g[:, part], S)
+    for args in zip(q_, k_, v_, g_, dt_):
+        args = (*args[:3], S, args[3], A, args[4])
+        o, S = _WindowScan.apply(*args) if track else _window_forward(*args)
         outs.append(o)
     return torch.cat(outs, dim=1), S
 
@@ -512,32 +514,88 @@ def _chunk_loop_state_decay(q, k, v, g, S0):
 WINDOW_ELEMENTS = 1 << 20
 
 
-def _state_decay_window(q, k, v, g, S):
-    """One window: q, k [B, W, H, K], v [B, W, H, V], g [B, W, H, K|1, V|1], S [B, H, K, V]
-    -> (o [B, W, H, V], S at the window end)."""
-    k, v = k.contiguous(), v.contiguous()
-    writes = k[..., :, None] * v[..., None, :]                      # [B, W, H, K, V]
-    return _window_scan(q, exp_fast(g).expand_as(writes).contiguous(), writes, S)
-
-
-def _factored_decay_window(q, k, v, A, dt, S):
-    """One window with the decay exp(A * dt_t): A [H, K, V], dt [B, W, H, V]."""
+def _window_decay(k, v, log_decay, A, dt):
+    """The decays ``e^{g_t}`` of one window as a contiguous ``[B, W, H, K, V]`` tensor, from
+    ``log_decay [B, W, H, K|1, V|1]`` or from the factors ``A [H, K, V]``, ``dt [B, W, H, V]``."""
+    shape = (*k.shape, v.shape[-1])
+    if log_decay is not None:
+        return exp_fast(log_decay).expand(shape).contiguous()
     # operands contiguous first: broadcasting products over strided views (a transposed
     # activation) run several times slower than the copies cost
-    k, v, dt = k.contiguous(), v.contiguous(), dt.contiguous()
-    writes = k[..., :, None] * v[..., None, :]                      # [B, W, H, K, V]
-    if not (torch.is_grad_enabled() and (A.requires_grad or dt.requires_grad)) \
-            and A.dtype == torch.float32:      # e^{A dt} = 2^{(A log2 e) dt}: no extra pass
-        decay = torch.exp2_((A * LOG2E) * dt[:, :, :, None, :])
-    else:
-        decay = exp_fast(A * dt[:, :, :, None, :])
-    return _window_scan(q, decay, writes, S)
+    dt = dt.contiguous()[:, :, :, None, :]
+    if A.dtype == torch.float32:              # e^{A dt} = 2^{(A log2 e) dt}: no extra pass
+        return torch.exp2_((A * LOG2E) * dt).expand(shape).contiguous()
+    return torch.exp(A * dt).expand(shape).contiguous()
 
 
-def _window_scan(q, decay, writes, S):
-    """States ``S_t = decay_t ⊙ S_{t-1} + writes_t`` of one window by :func:`blocked_scan`
-    (decay and writes ``[B, W, H, K, V]``, both overwritten without autograd), then
-    ``o_t = S_tᵀ q_t`` in one batched product."""
-    states = blocked_scan(decay, writes, S, scratch=True)          # [B, W, H, K, V]
+def _window_writes(k, v):
+    """``k_t v_tᵀ`` of one window: ``[B, W, H, K, V]``."""
+    return k.contiguous()[..., :, None] * v.contiguous()[..., None, :]
+
+
+def _window_forward(q, k, v, S, log_decay, A, dt):
+    """One window without autograd: q, k ``[B, W, H, K]``, v ``[B, W, H, V]``, S ``[B, H, K, V]``
+    -> ``(o [B, W, H, V], S at the window end)``: the states by :func:`blocked_scan` (written
+    over the decay and write buffers), then ``o_t = S_tᵀ q_t`` in one batched product."""
+    states = blocked_scan(_window_decay(k, v, log_decay, A, dt), _window_writes(k, v), S,
+                          scratch=True)                             # [B, W, H, K, V]
     o = (q[..., None, :] @ states)[..., 0, :]                      # S_tᵀ q_t: [B, W, H, V]
     return o, states[:, -1].clone()                                # not a view of the window
+
+
+class _WindowScan(torch.autograd.Function):
+    """One window of the ``[K, V]``-decay scan with a hand-written backward (autograd through the
+    blocked scan's step loop costs about 20x its forward). With ``a_t = e^{g_t}``, the adjoint
+    ``Λ_t = ∂L/∂S_t`` (``S_t`` feeds ``o_t``, ``S_{t+1}`` and, for the last step, the state
+    leaving the window) is ``Λ_t = a_{t+1} ⊙ Λ_{t+1} + q_t do_tᵀ`` with ``Λ_W = dS_end``. The
+    backward scans ``μ_t = a_t ⊙ Λ_t`` instead, whose multiplier is ``a_t`` itself:
+
+        μ_t = a_t ⊙ μ_{t+1} + a_t ⊙ q_t do_tᵀ,      μ_W = dS_end
+
+    one more :func:`blocked_scan`, backwards in time (no shifted or flipped copies). Then
+    ``Λ_t = μ_{t+1} + q_t do_tᵀ`` gives ``dk_t = μ_{t+1} v_t + q_t (do_t·v_t)`` and
+    ``dv_t = μ_{t+1}ᵀ k_t + do_t (q_t·k_t)``; ``dq_t = S_t do_t``, ``dS_in = μ_0``, and the
+    gradient of the log decay is ``Λ_t ⊙ a_t ⊙ S_{t-1} = μ_t ⊙ S_{t-1}`` (summed over its
+    broadcast dims; for the factors, ``dA = Σ X_t dt_t`` and ``d dt_t = Σ_k A ⊙ X_t``). The
+    states are recomputed from the saved window inputs, so nothing of size ``[B, W, H, K, V]``
+    outlives the window."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, S, log_decay, A, dt):
+        ctx.save_for_backward(q, k, v, S, log_decay, A, dt)
+        ctx.set_materialize_grads(False)
+        return _window_forward(q, k, v, S, log_decay, A, dt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS_end):
+        q, k, v, S, log_decay, A, dt = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        a = _window_decay(k, v, log_decay, A, dt)                   # [B, W, H, K, V]
+        states = blocked_scan(a.clone(), _window_writes(k, v), S, scratch=True)
+        # matrix-vector products by einsum: matmul batches them as [K, V] @ [V, 1], 10x slower
+        dq = torch.einsum("bthkv,bthv->bthk", states, do)           # S_t do_t
+        mu = blocked_scan(a, _window_writes(q, do).mul_(a), dS_end, scratch=True, reverse=True)
+        dS = mu[:, 0].clone()
+        dk = q * (do * v).sum(-1, keepdim=True)                      # q_t (do_t·v_t)
+        dv = do * (q * k).sum(-1, keepdim=True)                      # do_t (q_t·k_t)
+        dk[:, :-1] += torch.einsum("bthkv,bthv->bthk", mu[:, 1:], v[:, :-1])
+        dv[:, :-1] += torch.einsum("bthk,bthkv->bthv", k[:, :-1], mu[:, 1:])
+        if dS_end is not None:
+            dk[:, -1] += torch.einsum("bhkv,bhv->bhk", dS_end, v[:, -1])
+            dv[:, -1] += torch.einsum("bhk,bhkv->bhv", k[:, -1], dS_end)
+        # X_t = μ_t ⊙ S_{t-1}, written over μ
+        mu[:, 1:].mul_(states[:, :-1])
+        mu[:, 0].mul_(S)
+        X = mu
+        dlog = dA = ddt = None
+        if log_decay is not None:
+            dlog = X.sum_to_size(log_decay.shape)
+        else:
+            # elementwise products and sums (einsum picks a bmm batched over V here: 20x slower)
+            if ctx.needs_input_grad[5]:
+                dA = (X * dt[:, :, :, None, :]).sum((0, 1)).sum_to_size(A.shape)
+            if ctx.needs_input_grad[6]:
+                ddt = (X * A).sum(-2)
+        return dq, dk, dv, dS, dlog, dA, ddt

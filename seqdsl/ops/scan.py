@@ -45,7 +45,8 @@ def associative_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) 
 
 
 def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
-                 block: int | None = None, scratch: bool = False) -> Tensor:
+                 block: int | None = None, scratch: bool = False,
+                 reverse: bool = False) -> Tensor:
     """All prefixes of ``h_t = a_t h_{t-1} + b_t`` along dim 1, in two levels.
 
     Time is cut into ``n`` blocks of ``C`` steps (default: the power of two, from 8 to 32, that
@@ -60,8 +61,14 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     O(T log T): the faster choice on a CPU once the state has a few dozen entries. No division,
     so exact for ``a`` of any magnitude. ``a`` must have ``b``'s shape. With ``scratch`` (and no
     autograd) ``a`` and ``b`` are the caller's temporaries: the running products and the states
-    are written over them (no further buffer of their size).
+    are written over them (no further buffer of their size). ``reverse`` runs time backwards:
+    ``h_t = a_t ⊙ h_{t+1} + b_t`` from ``h_T = initial_state`` (the adjoint of a forward scan;
+    without autograd in place, with it by flipping).
     """
+    track = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (
+        initial_state is not None and initial_state.requires_grad))
+    if reverse and track:
+        return blocked_scan(a.flip(1), b.flip(1), initial_state, block).flip(1)
     B, T = b.shape[:2]
     C = block or min(32, max(8, 2 ** round(math.log2(max(1, b.numel() / 2 ** 16)))))
     n = -(-T // C)
@@ -71,9 +78,8 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
         b = torch.cat([b, b.new_zeros((B, pad) + b.shape[2:])], dim=1)
     a = a.reshape((B, n, C) + a.shape[2:])
     b = b.reshape((B, n, C) + b.shape[2:])
-    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (
-            initial_state is not None and initial_state.requires_grad))):
-        return _blocked_scan_inplace(a, b, initial_state, scratch and not pad)[:, :T]
+    if not track:
+        return _blocked_scan_inplace(a, b, initial_state, scratch and not pad, reverse)[:, :T]
     prods = a.cumprod(2)                                  # a_{block start..j}: [B, n, C, *S]
     h = b[:, :, 0]
     local = [h]
@@ -89,27 +95,39 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
 
 
 def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
-                          scratch: bool = False) -> Tensor:
+                          scratch: bool = False, reverse: bool = False) -> Tensor:
     """:func:`blocked_scan` without autograd, on ``a, b [B, n, C, *S]``: the local states and the
     running products of ``a`` are written step by step into two preallocated buffers (no
     ``stack`` copy, and no ``cumprod`` along a strided dim, which is several times slower than
     the equivalent loop of ``C`` multiplies), and the incoming states are added in place.
-    With ``scratch`` the two buffers are ``b`` and ``a`` themselves."""
+    With ``scratch`` the two buffers are ``b`` and ``a`` themselves. With ``reverse`` the steps
+    of a block run from its end, and the blocks from the last (only the ``[B, n, *S]`` block
+    summaries are flipped)."""
     B, n, C = b.shape[:3]
+    first, steps = (C - 1, range(C - 2, -1, -1)) if reverse else (0, range(1, C))
     if scratch and b.is_contiguous() and a.is_contiguous():
         local, prods = b, a
     else:
         local = torch.empty(b.shape, dtype=b.dtype, device=b.device)
         prods = torch.empty(b.shape, dtype=a.dtype, device=a.device)
-        local[:, :, 0] = b[:, :, 0]
-        prods[:, :, 0] = a[:, :, 0]
-    for j in range(1, C):                                 # level 1: inside every block
-        torch.addcmul(b[:, :, j], a[:, :, j], local[:, :, j - 1], out=local[:, :, j])
-        torch.mul(a[:, :, j], prods[:, :, j - 1], out=prods[:, :, j])
-    ends = associative_scan(prods[:, :, -1], local[:, :, -1], initial_state)   # level 2
-    local[:, 1:].addcmul_(prods[:, 1:], ends[:, :-1].unsqueeze(2))
-    if initial_state is not None:
-        local[:, :1].addcmul_(prods[:, :1], initial_state[:, None, None])
+        local[:, :, first] = b[:, :, first]
+        prods[:, :, first] = a[:, :, first]
+    for j in steps:                                       # level 1: inside every block
+        done = j + 1 if reverse else j - 1                # the step already computed
+        torch.addcmul(b[:, :, j], a[:, :, j], local[:, :, done], out=local[:, :, j])
+        torch.mul(a[:, :, j], prods[:, :, done], out=prods[:, :, j])
+    last = C - 1 - first                                  # a block's summary: its last step
+    if reverse:                                           # level 2 over the flipped summaries
+        ends = associative_scan(prods[:, :, last].flip(1), local[:, :, last].flip(1),
+                                initial_state).flip(1)
+        local[:, :-1].addcmul_(prods[:, :-1], ends[:, 1:].unsqueeze(2))
+        if initial_state is not None:
+            local[:, -1:].addcmul_(prods[:, -1:], initial_state[:, None, None])
+    else:                                                 # level 2
+        ends = associative_scan(prods[:, :, last], local[:, :, last], initial_state)
+        local[:, 1:].addcmul_(prods[:, 1:], ends[:, :-1].unsqueeze(2))
+        if initial_state is not None:
+            local[:, :1].addcmul_(prods[:, :1], initial_state[:, None, None])
     return local.reshape((B, n * C) + local.shape[3:])
 
 
