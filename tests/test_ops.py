@@ -841,6 +841,25 @@ def test_chunked_forms_over_many_segments(monkeypatch, core):
         assert_close(a, b, FP32, f"{core} over segments: gradient of {name}")
 
 
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["no cap", "cap"])
+@pytest.mark.parametrize("window", [None, 45, 70], ids=["causal", "window = T", "window > T"])
+def test_block_attention_gradients(window, softcap):
+    """Causal attention (and windows of at least T) runs query blocks with a FlashAttention-style
+    backward (rows' logsumexp saved, scores recomputed): T = 45 in blocks of 16 (the last one
+    partial), GQA, with and without a soft cap. Output and gradients of q, k, v against the
+    float64 reference."""
+    x, _, _ = make_attention(45, 21, heads=4, kv_heads=2)
+    x = {name: t.requires_grad_() for name, t in x.items()}
+    o = ops.attention(**x, window=window, softcap=softcap, block_size=16)
+    gold = ops.attention_ref(**_cast(x), window=window, softcap=softcap)
+    assert_close(o, gold, FP32, f"block attention, window {window}, cap {softcap}")
+    w = torch.randn(o.shape, generator=_gen(22))
+    grads = torch.autograd.grad((o * w).sum(), list(x.values()))
+    gold_grads = torch.autograd.grad((gold * w.double()).sum(), list(x.values()))
+    for a, b, name in zip(grads, gold_grads, x):
+        assert_close(a, b, FP32, f"block attention, window {window}, cap {softcap}: d/d{name}")
+
+
 @pytest.mark.parametrize("window", [1, 5, 40])
 def test_banded_sliding_window_over_many_groups(monkeypatch, window):
     """Sliding-window attention batches query blocks against their key bands (one padded,
@@ -949,6 +968,46 @@ def test_blocked_scan_gradients_with_zero_multipliers():
         grads.append(torch.autograd.grad((fn(*leaves) * w).sum(), leaves))
     for fast, ref, name in zip(*grads, ("a", "b", "initial state")):
         assert_close(fast, ref, FP64, f"blocked scan d/d{name}")
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no h0"])
+@pytest.mark.parametrize("kind", ["real", "complex", "broadcast gate", "zero multipliers"])
+def test_scan_gradients_on_the_blocked_path(kind, with_state):
+    """States of 40 entries over T = 150 take the blocked scan and its hand-written backward
+    (a reverse scan of the adjoint): gradients of a, b and the initial state against autograd
+    through the float64 loop, for a complex recurrence (conjugate multipliers), a gate shared
+    over the last dim (its gradient summed) and multipliers with exact zeros (state resets)."""
+    g = torch.Generator().manual_seed(12)
+    shape = (2, 150, 4, 10)
+
+    def draw(*shape):
+        x = torch.randn(*shape, generator=g)
+        return torch.complex(x, torch.randn(*shape, generator=g)) if kind == "complex" else x
+
+    a = torch.sigmoid(torch.randn(*shape[:3], 1 if kind == "broadcast gate" else 10,
+                                  generator=g) + 2)
+    if kind == "complex":
+        a = torch.polar(a, torch.randn(a.shape, generator=g))
+    if kind == "zero multipliers":
+        a[0, 5, :3] = 0
+        a[1, 40:44, 2] = 0
+    b, w = draw(*shape), draw(*shape)
+    leaves = dict(a=a, b=b) | (dict(initial_state=draw(2, 4, 10)) if with_state else {})
+    for x in leaves.values():
+        x.requires_grad_()
+    h, S = ops.scan(**leaves, output_final_state=True)
+    wide = {n: x.to(torch.complex128 if x.is_complex() else FP64) for n, x in leaves.items()}
+    h_gold, S_gold = ops.scan_ref(**wide, output_final_state=True)
+    assert_close(h, h_gold, FP32, f"{kind} scan")
+
+    def loss(h, S):
+        return (h * w.to(h.dtype)).sum().real + S.abs().square().sum()
+
+    grads = torch.autograd.grad(loss(h, S), list(leaves.values()))
+    gold = torch.autograd.grad(loss(h_gold, S_gold), list(leaves.values()))
+    for fast, ref, name in zip(grads, gold, leaves):
+        assert fast.shape == leaves[name].shape
+        assert_close(fast, ref, FP32, f"{kind} scan d/d{name}")
 
 
 # ---- q/k heads shared by groups of value heads (Mamba-2 n_groups, GQA-style linear attention) -

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,11 +43,7 @@ from seqdsl.backends.triton import support as ts
 REGISTRY = ts.Registry()
 """
 
-try:
-    import numpy  # noqa: F401  (triton's interpreter runs kernels with numpy)
-    HAVE_NUMPY = True
-except ImportError:
-    HAVE_NUMPY = False
+HAVE_NUMPY = importlib.util.find_spec("numpy") is not None  # (the interpreter runs on numpy)
 
 needs_interpreter = pytest.mark.skipif(
     th.DEVICE is None or (ts.INTERPRET and not HAVE_NUMPY),

@@ -138,36 +138,102 @@ def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
     if window is not None and window < T:
         o = _banded(qt, kh, vh, window, softcap, block_size)       # [B, Hkv, T, G, V]
         return o.permute(0, 2, 1, 3, 4).reshape(B, T, Hkv * G, -1).to(out_dtype)
-    outs = []
-    for start in range(0, T, block_size):
-        end = min(start + block_size, T)
-        lo = _first_visible(start, window)
-        outs.append(checkpointed(_attend_block, qt[:, :, start:end], kh[:, :, lo:end],
-                                 vh[:, :, lo:end], start, lo, window, softcap))
-    o = torch.cat(outs, dim=2)                                     # [B, Hkv, T, G, V]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (qt, kh, vh)):
+        o = _BlockAttention.apply(qt, kh, vh, window, softcap, block_size)
+    else:
+        o, _ = _blocks_forward(qt, kh, vh, window, softcap, block_size)
     return o.permute(0, 2, 1, 3, 4).reshape(B, T, Hkv * G, -1).to(out_dtype)
 
 
-def _attend_block(q, k, v, q_start, k_start, window, softcap):
-    """Scaled queries from ``q_start`` against keys from ``k_start``.
-    q [B, Hkv, Tq, G, K], k/v [B, Hkv, Tk, K|V] -> [B, Hkv, Tq, G, V].
+def _blocks(T: int, block: int, window: int | None):
+    """``(start, end, lo)`` of each query block: queries ``[start, end)`` see keys ``[lo, end)``."""
+    return [(start, min(start + block, T), _first_visible(start, window))
+            for start in range(0, T, block)]
+
+
+def _block_scores(q, k, q_start, k_start, window, softcap):
+    """Capped, masked scores ``[B, Hkv, Tq·G, Tk]`` of scaled queries from ``q_start``
+    (``q [B, Hkv, Tq, G, K]``) against keys from ``k_start`` (``k [B, Hkv, Tk, K]``), and
+    ``tanh`` of the capped logits (for the cap's derivative) or None.
 
     Only two column ranges can hold hidden keys: those after ``q_start`` (causality) and, with a
     window, the first ``Tq`` (too old for the later queries); the mask is built for them only."""
     B, Hkv, Tq, G, K = q.shape
     Tk = k.shape[2]
-    s = _cap(q.reshape(B, Hkv, Tq * G, K) @ k.mT, softcap).view(B, Hkv, Tq, G, Tk)
+    s = q.reshape(B, Hkv, Tq * G, K) @ k.mT
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(s.div_(softcap))
+        s = tanh * softcap
+    s5 = s.view(B, Hkv, Tq, G, Tk)
     qi = torch.arange(q_start, q_start + Tq, device=q.device)[:, None, None]     # [Tq, 1, 1]
     future = max(0, q_start + 1 - k_start)              # first column some query cannot see yet
     kj = torch.arange(k_start + future, k_start + Tk, device=q.device)
-    s[..., future:].masked_fill_(kj > qi, float("-inf"))
+    s5[..., future:].masked_fill_(kj > qi, float("-inf"))
     if window is not None:
         old = min(Tk, max(0, q_start + Tq - window - k_start))   # columns [0, old) may be too old
         kj = torch.arange(k_start, k_start + old, device=q.device)
-        s[..., :old].masked_fill_(qi - kj >= window, float("-inf"))
-    p = torch.softmax(s, dim=-1).view(B, Hkv, Tq * G, Tk)
-    return (p @ v).view(B, Hkv, Tq, G, -1)
+        s5[..., :old].masked_fill_(qi - kj >= window, float("-inf"))
+    return s, tanh
 
+
+def _blocks_forward(q, k, v, window, softcap, block, with_lse=False):
+    """Every query block against the keys it can see: q ``[B, Hkv, T, G, K]`` (scaled), k/v
+    ``[B, Hkv, T, K|V]`` -> ``(o [B, Hkv, T, G, V], logsumexp of each row's scores
+    [B, Hkv, T, G] or None)``."""
+    B, Hkv, T, G, _ = q.shape
+    outs, lses = [], []
+    for start, end, lo in _blocks(T, block, window):
+        s, _ = _block_scores(q[:, :, start:end], k[:, :, lo:end], start, lo, window, softcap)
+        if with_lse:
+            lses.append(torch.logsumexp(s, dim=-1).view(B, Hkv, end - start, G))
+        p = torch.softmax(s, dim=-1)
+        outs.append((p @ v[:, :, lo:end]).view(B, Hkv, end - start, G, -1))
+    return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if with_lse else None)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """The query-block loop with a FlashAttention-style backward: the forward keeps only the
+    output and each row's logsumexp ``L``; the backward recomputes each block's scores ``s``,
+    ``p = exp(s - L)``, and with ``D_i = do_i·o_i``:
+
+        dv += pᵀ do,    ds = p ⊙ (do vᵀ - D) ⊙ cap',    dq = ds k,    dk += dsᵀ q
+
+    (``cap' = 1 - tanh²`` with a soft cap). Five block matmuls where recomputing the forward
+    under autograd takes six, and the gradients of k and v accumulate in place: slicing k and v
+    per block under autograd writes each block's gradient into a zero-filled copy of the whole
+    tensor (O(T²/block) traffic)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, softcap, block):
+        o, lse = _blocks_forward(q, k, v, window, softcap, block, with_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.options = (window, softcap, block)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        window, softcap, block = ctx.options
+        B, Hkv, T, G, K = q.shape
+        D = (do * o).sum(-1)                                      # [B, Hkv, T, G]
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for start, end, lo in _blocks(T, block, window):
+            rows = (end - start) * G
+            q_b = q[:, :, start:end].reshape(B, Hkv, rows, K)
+            do_b = do[:, :, start:end].reshape(B, Hkv, rows, -1)
+            s, tanh = _block_scores(q[:, :, start:end], k[:, :, lo:end], start, lo, window,
+                                    softcap)
+            p = s.sub_(lse[:, :, start:end].reshape(B, Hkv, rows, 1)).exp_()
+            dv[:, :, lo:end] += p.mT @ do_b
+            ds = (do_b @ v[:, :, lo:end].mT).sub_(D[:, :, start:end].reshape(B, Hkv, rows, 1))
+            ds.mul_(p)
+            if tanh is not None:
+                ds.mul_(1 - tanh.square_())
+            dq[:, :, start:end] = (ds @ k[:, :, lo:end]).view(B, Hkv, end - start, G, K)
+            dk[:, :, lo:end] += ds.mT @ q_b
+        return dq, dk, dv, None, None, None
 
 #: scores ``[.., blocks, block · G, band]`` of one group of query blocks in the banded form
 #: (16 MB in fp32): bounds its memory for any window, length and head count

@@ -163,9 +163,51 @@ def scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     # faster from 32 state entries on (T = 512 .. 8192)
     if b[0, 0].numel() < 32 or b.shape[1] < 64:
         h = associative_scan(a, b, h0)
+    elif torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (a, b, h0)):
+        h = _Scan.apply(a, b, h0)
     else:
         h = blocked_scan(a.expand_as(b), b, h0)
     return h.to(out_dtype), (h[:, -1] if output_final_state else None)
+
+
+class _Scan(torch.autograd.Function):
+    """:func:`blocked_scan` with a hand-written backward (autograd through its step loop costs
+    several times its forward). The adjoint of ``h_t = a_t ⊙ h_{t-1} + b_t`` is
+    ``Λ_t = dh_t + a*_{t+1} ⊙ Λ_{t+1}`` (``*``: complex conjugate, PyTorch's convention); the
+    backward scans ``μ_t = a*_t ⊙ Λ_t``, whose multiplier is ``a*_t`` itself:
+
+        μ_t = a*_t ⊙ μ_{t+1} + a*_t ⊙ dh_t,     μ_T = 0
+
+    (one reverse :func:`blocked_scan`), then ``db_t = Λ_t = μ_{t+1} + dh_t``,
+    ``da_t = Λ_t ⊙ h*_{t-1}`` (summed over a's broadcast dims; ``h_{-1}`` the initial state,
+    whose gradient is ``μ_0``). The forward runs the in-place scan; the states it returns are
+    saved (they are the output)."""
+
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        h = blocked_scan(a.expand_as(b), b, h0)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        a_adj = a.expand_as(h).conj().resolve_conj()
+        mu = blocked_scan(a_adj.contiguous(), dh * a_adj, None, scratch=True, reverse=True)
+        lam = dh.clone()
+        lam[:, :-1] += mu[:, 1:]                                          # Λ_t = dh_t + μ_{t+1}
+        da = None
+        if ctx.needs_input_grad[0]:
+            da = torch.empty_like(lam)
+            torch.mul(lam[:, 1:], h[:, :-1].conj(), out=da[:, 1:])
+            if h0 is None:
+                da[:, 0] = 0
+            else:
+                torch.mul(lam[:, 0], h0.conj(), out=da[:, 0])
+            da = da.sum_to_size(a.shape)
+        return da, lam, (mu[:, 0] if ctx.needs_input_grad[2] else None)
 
 
 def scan_ref(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
