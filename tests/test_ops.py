@@ -905,6 +905,7 @@ def test_state_decay_over_many_windows(monkeypatch, decay, loss):
     leaves.update(q=q, k=k, v=v, initial_state=S0)
     for x in leaves.values():
         x.requires_grad_()
+    before = {n: x.detach().clone() for n, x in leaves.items()}
     o, S = ops.linear(q, k, v, **args, initial_state=S0, output_final_state=True,
                       chunk_size=16)
     gold_decay = (A.double() * dt.double()[:, :, :, None, :] if decay == "factored"
@@ -925,6 +926,7 @@ def test_state_decay_over_many_windows(monkeypatch, decay, loss):
 
     for a, b, name in zip(gradients(o, S), gradients(o_gold, S_gold), leaves):
         assert_close(a, b, FP32, f"windowed [K, V] decay, loss on {loss}: gradient of {name}")
+        assert torch.equal(leaves[name], before[name]), f"the backward changed {name}"
 
 
 def test_factored_decay_with_cu_seqlens():
@@ -970,15 +972,17 @@ def test_blocked_scan_gradients_with_zero_multipliers():
         assert_close(fast, ref, FP64, f"blocked scan d/d{name}")
 
 
+@pytest.mark.parametrize("T", [150, 160])
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no h0"])
 @pytest.mark.parametrize("kind", ["real", "complex", "broadcast gate", "zero multipliers"])
-def test_scan_gradients_on_the_blocked_path(kind, with_state):
-    """States of 40 entries over T = 150 take the blocked scan and its hand-written backward
-    (a reverse scan of the adjoint): gradients of a, b and the initial state against autograd
-    through the float64 loop, for a complex recurrence (conjugate multipliers), a gate shared
-    over the last dim (its gradient summed) and multipliers with exact zeros (state resets)."""
+def test_scan_gradients_on_the_blocked_path(kind, with_state, T):
+    """States of 40 entries over T = 150 (a partial last block) or 160 (whole blocks: the
+    scans work in place) take the blocked scan and its hand-written backward (a reverse scan of
+    the adjoint): gradients of a, b and the initial state against autograd through the float64
+    loop, for a complex recurrence (conjugate multipliers), a gate shared over the last dim (its
+    gradient summed) and multipliers with exact zeros (state resets); the inputs unchanged."""
     g = torch.Generator().manual_seed(12)
-    shape = (2, 150, 4, 10)
+    shape = (2, T, 4, 10)
 
     def draw(*shape):
         x = torch.randn(*shape, generator=g)
@@ -995,6 +999,7 @@ def test_scan_gradients_on_the_blocked_path(kind, with_state):
     leaves = dict(a=a, b=b) | (dict(initial_state=draw(2, 4, 10)) if with_state else {})
     for x in leaves.values():
         x.requires_grad_()
+    before = {n: x.detach().clone() for n, x in leaves.items()}
     h, S = ops.scan(**leaves, output_final_state=True)
     wide = {n: x.to(torch.complex128 if x.is_complex() else FP64) for n, x in leaves.items()}
     h_gold, S_gold = ops.scan_ref(**wide, output_final_state=True)
@@ -1008,6 +1013,7 @@ def test_scan_gradients_on_the_blocked_path(kind, with_state):
     for fast, ref, name in zip(grads, gold, leaves):
         assert fast.shape == leaves[name].shape
         assert_close(fast, ref, FP32, f"{kind} scan d/d{name}")
+        assert torch.equal(leaves[name], before[name]), f"the backward changed {name}"
 
 
 # ---- q/k heads shared by groups of value heads (Mamba-2 n_groups, GQA-style linear attention) -

@@ -194,8 +194,10 @@ class _Scan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
         a, h, h0 = ctx.saved_tensors
-        a_adj = a.expand_as(h).conj().resolve_conj()
-        mu = blocked_scan(a_adj.contiguous(), dh * a_adj, None, scratch=True, reverse=True)
+        a_adj = a.expand_as(h).conj()
+        # the scan's scratch buffer: a copy, never a itself (the caller's graph may need it)
+        mu = blocked_scan(a_adj.clone(memory_format=torch.contiguous_format), dh * a_adj, None,
+                          scratch=True, reverse=True)
         lam = dh.clone()
         lam[:, :-1] += mu[:, 1:]                                          # Λ_t = dh_t + μ_{t+1}
         da = None
