@@ -69,9 +69,12 @@ def test_packed_sequences_equal_a_loop(compiled):
     assert_close(packed, torch.cat(pieces, 1), torch.float32, "cu_seqlens vs loop")
 
 
-def test_gradients_match_the_reference_path(compiled):
+@pytest.mark.parametrize("B, T", [(2, 19), (1, 128)], ids=["T=19", "T=128"])
+def test_gradients_match_the_reference_path(compiled, B, T):
+    """At T = 128 (whole blocks) the fast paths' hand-written backwards run their in-place
+    scans: the blocked scan needs T >= 64, and the recurrent widths here reach its 32 entries."""
     _, _, model, _ = compiled
-    ids = _ids(model, T=19)
+    ids = _ids(model, B=B, T=T)
     w = torch.randn(ids.shape[0], ids.shape[1], model.embed.num_embeddings,
                     generator=torch.Generator().manual_seed(3))
     grads = []
