@@ -848,16 +848,23 @@ def test_block_attention_gradients(window, softcap):
     backward (rows' logsumexp saved, scores recomputed): T = 45 in blocks of 16 (the last one
     partial), GQA, with and without a soft cap. Output and gradients of q, k, v against the
     float64 reference."""
-    x, _, _ = make_attention(45, 21, heads=4, kv_heads=2)
+    _attention_against_the_reference(45, 21, f"block attention, window {window}, cap {softcap}",
+                                     window=window, softcap=softcap)
+
+
+def _attention_against_the_reference(T: int, seed: int, label: str, **options):
+    """GQA attention in blocks of 16 (4 query heads, 2 kv heads): output, and the gradients of
+    q, k and v through a random projection of it, against the float64 reference."""
+    x, _, _ = make_attention(T, seed, heads=4, kv_heads=2)
     x = {name: t.requires_grad_() for name, t in x.items()}
-    o = ops.attention(**x, window=window, softcap=softcap, block_size=16)
-    gold = ops.attention_ref(**_cast(x), window=window, softcap=softcap)
-    assert_close(o, gold, FP32, f"block attention, window {window}, cap {softcap}")
-    w = torch.randn(o.shape, generator=_gen(22))
+    o = ops.attention(**x, **options, block_size=16)
+    gold = ops.attention_ref(**_cast(x), **options)
+    assert_close(o, gold, FP32, label)
+    w = torch.randn(o.shape, generator=_gen(seed + 1))
     grads = torch.autograd.grad((o * w).sum(), list(x.values()))
     gold_grads = torch.autograd.grad((gold * w.double()).sum(), list(x.values()))
     for a, b, name in zip(grads, gold_grads, x):
-        assert_close(a, b, FP32, f"block attention, window {window}, cap {softcap}: d/d{name}")
+        assert_close(a, b, FP32, f"{label}: gradient of {name}")
 
 
 @pytest.mark.parametrize("window", [1, 5, 40])
@@ -867,16 +874,8 @@ def test_banded_sliding_window_over_many_groups(monkeypatch, window):
     every band edge case is crossed: the first blocks' padding keys, the partial last block,
     a window of 1. Output and gradients against the float64 reference."""
     monkeypatch.setattr(importlib.import_module("seqdsl.ops.attention"), "BAND_ELEMENTS", 1)
-    x, _, _ = make_attention(75, 11, heads=4, kv_heads=2)
-    x = {name: t.requires_grad_() for name, t in x.items()}
-    o = ops.attention(**x, window=window, softcap=4.0, block_size=16)
-    gold = ops.attention_ref(**_cast(x), window=window, softcap=4.0)
-    assert_close(o, gold, FP32, f"banded window {window}")
-    w = torch.randn(o.shape, generator=_gen(12))
-    grads = torch.autograd.grad((o * w).sum(), list(x.values()))
-    gold_grads = torch.autograd.grad((gold * w.double()).sum(), list(x.values()))
-    for a, b, name in zip(grads, gold_grads, x):
-        assert_close(a, b, FP32, f"banded window {window}: gradient of {name}")
+    _attention_against_the_reference(75, 11, f"banded window {window}", window=window,
+                                     softcap=4.0)
 
 
 @pytest.mark.parametrize("loss", ["output and state", "output", "state"])
