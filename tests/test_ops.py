@@ -852,6 +852,16 @@ def test_block_attention_gradients(window, softcap):
                                      window=window, softcap=softcap)
 
 
+def test_block_attention_one_visible_key_has_no_query_gradient():
+    """The first query sees one key: its softmax is 1 whatever the logit, so its gradient
+    is exactly zero (the backward's row sum comes from p and dp, not from do·o)."""
+    x, _, _ = make_attention(40, 23, heads=4, kv_heads=2)
+    q = x["q"].requires_grad_()
+    o = ops.attention(q, x["k"], x["v"], softcap=4.0, block_size=16)
+    (dq,) = torch.autograd.grad((o * torch.randn(o.shape, generator=_gen(24))).sum(), q)
+    assert torch.count_nonzero(dq[:, 0]) == 0 and torch.count_nonzero(dq[:, 1:]) > 0
+
+
 def _attention_against_the_reference(T: int, seed: int, label: str, **options):
     """GQA attention in blocks of 16 (4 query heads, 2 kv heads): output, and the gradients of
     q, k and v through a random projection of it, against the float64 reference."""

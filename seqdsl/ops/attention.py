@@ -177,6 +177,14 @@ def _block_scores(q, k, q_start, k_start, window, softcap):
     return s, tanh
 
 
+def _softmax_backward(p: Tensor, dp: Tensor) -> Tensor:
+    """``p ⊙ (dp - Σ_j p_j dp_j)``, the gradient of the logits from that of the probabilities
+    (written over ``dp``). The row sum comes from ``p`` and ``dp`` themselves (not from
+    ``do·o``, equal in exact arithmetic): a row with one visible key then gets exactly zero, as
+    autograd's softmax backward gives it."""
+    return dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
+
+
 def _blocks_forward(q, k, v, window, softcap, block, with_lse=False):
     """Every query block against the keys it can see: q ``[B, Hkv, T, G, K]`` (scaled), k/v
     ``[B, Hkv, T, K|V]`` -> ``(o [B, Hkv, T, G, V], logsumexp of each row's scores
@@ -195,9 +203,9 @@ def _blocks_forward(q, k, v, window, softcap, block, with_lse=False):
 class _BlockAttention(torch.autograd.Function):
     """The query-block loop with a FlashAttention-style backward: the forward keeps only the
     output and each row's logsumexp ``L``; the backward recomputes each block's scores ``s``,
-    ``p = exp(s - L)``, and with ``D_i = do_i·o_i``:
+    ``p = exp(s - L)``, ``dp = do vᵀ``, and:
 
-        dv += pᵀ do,    ds = p ⊙ (do vᵀ - D) ⊙ cap',    dq = ds k,    dk += dsᵀ q
+        dv += pᵀ do,    ds = p ⊙ (dp - Σ_j p_j dp_j) ⊙ cap',    dq = ds k,    dk += dsᵀ q
 
     (``cap' = 1 - tanh²`` with a soft cap). Five block matmuls where recomputing the forward
     under autograd takes six, and the gradients of k and v accumulate in place: slicing k and v
@@ -207,17 +215,16 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, softcap, block):
         o, lse = _blocks_forward(q, k, v, window, softcap, block, with_lse=True)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, lse)
         ctx.options = (window, softcap, block)
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, lse = ctx.saved_tensors
         window, softcap, block = ctx.options
         B, Hkv, T, G, K = q.shape
-        D = (do * o).sum(-1)                                      # [B, Hkv, T, G]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for start, end, lo in _blocks(T, block, window):
             rows = (end - start) * G
@@ -227,8 +234,7 @@ class _BlockAttention(torch.autograd.Function):
                                     softcap)
             p = s.sub_(lse[:, :, start:end].reshape(B, Hkv, rows, 1)).exp_()
             dv[:, :, lo:end] += p.mT @ do_b
-            ds = (do_b @ v[:, :, lo:end].mT).sub_(D[:, :, start:end].reshape(B, Hkv, rows, 1))
-            ds.mul_(p)
+            ds = _softmax_backward(p, do_b @ v[:, :, lo:end].mT)
             if tanh is not None:
                 ds.mul_(1 - tanh.square_())
             dq[:, :, start:end] = (ds @ k[:, :, lo:end]).view(B, Hkv, end - start, G, K)
