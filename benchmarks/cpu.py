@@ -1,12 +1,13 @@
 """CPU benchmark: seqdsl's chunked cores and generated layers against their peers, same process.
 
 Not a test. Run ``python benchmarks/cpu.py [--quick] [--processes N]``; prints tables and
-writes ``benchmarks/RESULTS.md`` (not with ``--quick``). Every number is the best of several runs after a warm-up, in
-milliseconds, taken over ``ROUNDS`` rounds that interleave all cases (the minimum is what the
-code costs; the other runs measure the neighbours on a shared machine), for the fast path, the
-reference and the peer alike, and every comparison is a ratio of times measured in one process
-on this machine; with ``--processes N``, in each of N fresh processes, keeping each case's best
-(whole processes differ by up to 1.3x on a shared virtual machine):
+writes ``benchmarks/RESULTS.md`` (not with ``--quick``). Every number is the best of several
+runs after a warm-up, in milliseconds, taken over ``ROUNDS`` rounds that interleave all cases
+(the minimum is what the code costs; the other runs measure the neighbours on a shared
+machine), for the fast path, the reference and the peer alike, and every comparison is a ratio
+of times measured in one process on this machine; with ``--processes N``, in each of N fresh
+processes, keeping each case's best (whole processes differ by up to 1.3x on a shared virtual
+machine):
 
 * cores: chunked form vs the sequential reference (``*_ref``) vs fla's naive chunk functions,
   forward and forward+backward;
