@@ -178,20 +178,18 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=Fal
         A = rhs[..., V:] @ k_back.mT                 # β_i e^{G_i - G_j} k_i·k_j (read for j < i)
         P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
     else:
-        # q e^G and β e^G k stacked in one buffer, so that one matmul with the keys gives both
-        # the scores P and the triangular system A; [β v | β e^G k] in another
-        rows = q.new_empty(B, H, n, 2 * chunk, K)
-        q_in = to_chunks_scaled(q, chunk, e_G * scale, out=rows[..., :chunk, :])
-        to_chunks_scaled(k, chunk, beta * e_G, out=rows[..., chunk:, :])
+        # [β v | β e^G k] written straight into one buffer; the triangular system A reads its
+        # β e^G k half in place (a strided matrix: no copy)
         rhs = q.new_empty(B, H, n, chunk, V + K)
         to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
-        rhs[..., V:] = rows[..., chunk:, :]
-        PA = rows @ k_back.mT                                             # [B, H, n, 2C, C]
-        P, A = PA[..., :chunk, :].tril_(), PA[..., chunk:, :]
+        kb = to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
+        q_in = to_chunks_scaled(q, chunk, e_G * scale)
+        P = (q_in @ k_back.mT).tril_()
+        A = kb @ k_back.mT
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
 
     local, PW = _scores_times(P, A, UW, V, strict)
-    read = q_in - PW                                 # o = read @ S_prev + P U
+    read = q_in - PW if track else q_in.sub_(PW)    # o = read @ S_prev + P U
     # S_next = e^{G_C} (S + k̃ᵀ U - k̃ᵀ W S) = M S + N with N = e^{G_C} k̃ᵀ U and
     # M = e^{G_C} (I - k̃ᵀ W): one fused multiply-add per chunk in the sequential pass
     chunk_decay = torch.exp(G[..., -1])[..., None, None]                 # [B, H, n, 1, 1]
