@@ -151,7 +151,7 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k]
 
     local, PW = _scores_times(P, A, UW, V, strict)
-    read = q_in - PW                                 # o = read @ S_prev + P U
+    read = q_in - PW if track else q_in.sub_(PW)    # o = read @ S_prev + P U
     k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
     inject, kW = (k_out.mT @ UW).split([V, K], dim=-1)                   # [B, H, n, K, V|K]
     transition = -kW                                 # e^{G_C} I - k_outᵀ W: [B, H, n, K, K]
