@@ -64,12 +64,19 @@ def to_chunks(x: Tensor, chunk: int) -> Tensor:
     return x.view(B, H, T // chunk, chunk, *rest)
 
 
+def needs_grad(*xs) -> bool:
+    """Whether autograd is recording and any of ``xs`` (None and non-tensors skipped) requires
+    a gradient: the test every op makes before choosing its in-place, no-autograd path."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, Tensor) and x.requires_grad for x in xs)
+
+
 def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor, out: Tensor | None = None) -> Tensor:
     """``to_chunks(x, chunk) * factor`` in one pass: the product is written straight into the
     chunked layout (the transpose copy and the multiply fused), into ``out`` if given (any
     strides, e.g. a slice of a larger buffer). ``factor`` broadcasts against
     ``[B, H, n, C, *rest]``. Under autograd (where ``out=`` is not allowed) the two steps."""
-    if torch.is_grad_enabled() and (x.requires_grad or factor.requires_grad):
+    if needs_grad(x, factor):
         if out is not None:
             raise ValueError("to_chunks_scaled: no out= under autograd")
         return to_chunks(x, chunk) * factor
@@ -262,9 +269,7 @@ def sub_chunk_size(chunk: int, preferred: int = 16) -> int:
 def checkpointed(fn: Callable, *args):
     """``fn(*args)``, recomputed in the backward pass instead of storing its intermediates when
     autograd is recording. Keeps the memory of the tiled forms O(tile) with gradients too."""
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(a, Tensor) and a.requires_grad for a in args)
-    if needs_grad:
+    if needs_grad(*args):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -273,4 +278,4 @@ __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
            "centred_decay_factors", "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast",
            "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "over_segments", "strict_last_step_apart",
-           "cumsum_to_end", "sub_chunk_size", "checkpointed"]
+           "cumsum_to_end", "sub_chunk_size", "checkpointed", "needs_grad"]

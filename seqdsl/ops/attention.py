@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._chunking import checkpointed, compute_dtype, default_scale, output_dtype
+from ._chunking import checkpointed, compute_dtype, default_scale, needs_grad, output_dtype
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -138,7 +138,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
     if window is not None and window < T:
         o = _banded(qt, kh, vh, window, softcap, block_size)       # [B, Hkv, T, G, V]
         return o.permute(0, 2, 1, 3, 4).reshape(B, T, Hkv * G, -1).to(out_dtype)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (qt, kh, vh)):
+    if needs_grad(qt, kh, vh):
         o = _BlockAttention.apply(qt, kh, vh, window, softcap, block_size)
     else:
         o, _ = _blocks_forward(qt, kh, vh, window, softcap, block_size)
@@ -293,7 +293,7 @@ def _attend_band(q, k, v, bias, softcap):
     kb = k.unfold(2, band, C)                                     # [B, Hkv, m, K, band]
     vb = v.unfold(2, band, C)                                     # [B, Hkv, m, V, band]
     s = _cap(q.reshape(B, Hkv, m, C * G, K) @ kb, softcap).view(B, Hkv, m, C, G, band)
-    s = s.add_(bias) if not (torch.is_grad_enabled() and s.requires_grad) else s + bias
+    s = s + bias if needs_grad(s) else s.add_(bias)
     p = torch.softmax(s, dim=-1).view(B, Hkv, m, C * G, band)
     return (p @ vb.mT).view(B, Hkv, m * C, G, -1)
 

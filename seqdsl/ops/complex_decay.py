@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from ._chunking import compute_dtype, default_scale, output_dtype, strict_last_step_apart
+from ._chunking import (compute_dtype, default_scale, needs_grad, output_dtype,
+                        strict_last_step_apart)
 from ._varlen import varlen_call
 from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
 
@@ -76,8 +77,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
         S0 = initial_state.to(cplx)
         S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
     scale = default_scale(scale, K)
-    if torch.is_grad_enabled() and (phase.requires_grad or log_magnitude.requires_grad) and (
-            inner is None or _takes_strict(inner)):
+    if needs_grad(phase, log_magnitude) and (inner is None or _takes_strict(inner)):
         o, S = _strict_with_own_writes(q, k, v.to(real), q2, k2, g2, S0, rot, chunk_size, scale,
                                        inner)
         return o.to(_real_dtype(q, k, v)), (S if output_final_state else None)
@@ -153,7 +153,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype, sign: float
         im = sign * xr * sin + xi * cos
         return torch.cat([re, -sign * im], dim=-1)
     x = x.to(dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, cos, sin)):
+    if needs_grad(x, cos, sin):
         return torch.cat([x * cos, -x * sin], dim=-1)
     out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
     K = x.shape[-1]

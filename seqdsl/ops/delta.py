@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
-                        from_chunks, output_dtype, over_segments, strict_last_step_apart,
-                        to_chunks, to_chunks_scaled)
+                        from_chunks, needs_grad, output_dtype, over_segments,
+                        strict_last_step_apart, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -80,7 +80,7 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | Non
                            output_final_state=output_final_state, chunk_size=chunk_size)
     q, k, v, beta, g, S0, out_dtype, scale = _prepare(q, k, v, beta, log_decay, initial_state,
                                                       scale)
-    if torch.is_grad_enabled() and g.requires_grad:
+    if needs_grad(g):
         o, S = _with_own_writes(q, k, v, beta, g, S0, chunk_size, scale)
     else:
         o, S = over_segments(_delta_chunked, (q, k, v, beta, g), S0, chunk_size, q.shape[2],
@@ -131,8 +131,7 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
-    track = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta, g, S0))
+    track = needs_grad(q, k, v, beta, g, S0)
     Gd = gc.to(torch.float64).cumsum(-1)             # [B, H, n, C] log decay from the chunk start
     G = Gd.to(q.dtype)
     factors = decay_factors(Gd, q.dtype)
@@ -260,7 +259,7 @@ def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
         if s < block:
             Pw = Pw @ Pw
     X = X.view(*A.shape[:-2], m, block, block)
-    if torch.is_grad_enabled() and (A.requires_grad or rhs.requires_grad):
+    if needs_grad(A, rhs):
         # block rows by split / unbind: their backward is one cat / stack, where indexing
         # would scatter each piece's gradient into a zero-filled copy of the whole tensor
         outs, rhs_rows, X_blocks = [], rhs.split(block, dim=-2), X.unbind(-3)

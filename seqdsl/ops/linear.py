@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from ._chunking import (LOG2E, cast, centred_decay_factors, compute_dtype,
                         cumsum_to_end, decay_factors, decay_matrix, default_scale, exp_fast,
-                        from_chunks, output_dtype, over_segments, segsum, strict_last_step_apart,
-                        sub_chunk_size, to_chunks, to_chunks_scaled, within_factor_limit)
+                        from_chunks, needs_grad, output_dtype, over_segments, segsum,
+                        strict_last_step_apart, sub_chunk_size, to_chunks, to_chunks_scaled,
+                        within_factor_limit)
 from ._varlen import varlen_call
 from .scan import blocked_scan
 
@@ -322,8 +323,7 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None,
             return (ws[c] + S).mul_(ds[c])
         return torch.addcmul(ws[c], ds[c], S)
 
-    if torch.is_grad_enabled() and (writes.requires_grad or S.requires_grad
-                                    or (decay is not None and decay.requires_grad)):
+    if needs_grad(writes, S, decay):
         entering = []
         for c in range(n):
             entering.append(S)
@@ -344,7 +344,7 @@ def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
     under strong decays. q/k may be shared by groups of value heads (scalar decay only)."""
     per_key = g.ndim == 4
     fn, args = (_chunked_per_key, ()) if per_key else (_chunked_scalar, (scale,))
-    if not (torch.is_grad_enabled() and g.requires_grad):
+    if not needs_grad(g):
         return over_segments(fn, (q, k, v, g), S0, chunk, v.shape[2], *args)
     B, T, Hq, K = q.shape
     H, V = v.shape[2:]
@@ -495,8 +495,7 @@ def _chunk_loop_state_decay(q, k, v, g, S0):
     S = q.new_zeros(B, H, K, V) if S0 is None else S0
     window = max(8, 2 ** int(math.log2(max(1, WINDOW_ELEMENTS // (B * H * K * V)))))
     A, dt, log_decay = (*g, None) if isinstance(g, tuple) else (None, None, g)
-    track = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, log_decay, A, dt, S))
+    track = needs_grad(q, k, v, log_decay, A, dt, S)
     # windows by split, not by slicing: a slice's backward writes its gradient into a zero-filled
     # tensor of the whole input (O(T²) over all windows), where split's backward is one cat
     q_, k_, v_, g_, dt_ = ([None] * -(-T // window) if x is None else x.split(window, dim=1)

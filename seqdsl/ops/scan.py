@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._chunking import cast, compute_dtype, output_dtype
+from ._chunking import cast, compute_dtype, needs_grad, output_dtype
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -65,8 +65,7 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     ``h_t = a_t ⊙ h_{t+1} + b_t`` from ``h_T = initial_state`` (the adjoint of a forward scan;
     without autograd in place, with it by flipping).
     """
-    track = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (
-        initial_state is not None and initial_state.requires_grad))
+    track = needs_grad(a, b, initial_state)
     if reverse and track:
         return blocked_scan(a.flip(1), b.flip(1), initial_state, block).flip(1)
     B, T = b.shape[:2]
@@ -163,8 +162,7 @@ def scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     # faster from 32 state entries on (T = 512 .. 8192)
     if b[0, 0].numel() < 32 or b.shape[1] < 64:
         h = associative_scan(a, b, h0)
-    elif torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (a, b, h0)):
+    elif needs_grad(a, b, h0):
         h = _Scan.apply(a, b, h0)
     else:
         h = blocked_scan(a.expand_as(b), b, h0)
