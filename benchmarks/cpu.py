@@ -149,6 +149,48 @@ print((kib("VmHWM:") - before) * 1024)
 """
 
 
+def projection_time(fn, module, repeats: int = 2) -> float:
+    """Time (ms, best of :data:`ROUNDS`) of the dense projections alone that ``fn`` (a forward
+    of ``module``) runs: every ``nn.Linear`` call recorded by a hook, then replayed on fresh
+    inputs of the recorded shapes. Both layers of a comparison run these same matrix products,
+    so ``peer / projections`` bounds the speed-up any recurrence could buy (Amdahl)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, args, _: calls.append((m, args[0].shape)))
+             for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    replay = [(m, torch.randn(shape)) for m, shape in calls]
+
+    def run():
+        for m, x in replay:
+            torch.nn.functional.linear(x, m.weight, m.bias)
+    with torch.no_grad():
+        return min(bench(run, repeats) for _ in range(ROUNDS))
+
+
+def attention_floor(T: int, repeats: int = 3) -> tuple[float, float]:
+    """``(FLOPs, best matmul rate)`` of causal attention for the MQA core case at length T: the
+    ``q kᵀ`` and ``p v`` products over the causal half only (``2·2·H·K·T²/2``), and the best
+    FLOP rate of ``torch.bmm`` / ``torch.mm`` on this machine over the block shapes a blocked
+    attention uses (64 to 512 rows). ``FLOPs / rate`` is a floor on any exact attention
+    forward built from these products, whatever its blocking."""
+    x = cores.inputs(T)
+    H, K = x["q"].shape[2], x["q"].shape[3]
+    flops = 2 * H * K * T * T
+    rate = 0.0
+    for rows in (64, 128, 256, 512):
+        n = max(1, H * T // rows)
+        a, b = torch.randn(n, rows, K), torch.randn(n, K, rows)
+        rate = max(rate, 2 * n * rows * rows * K / (bench(lambda: torch.bmm(a, b), repeats) / 1e3))
+    a, b = torch.randn(H * T, K), torch.randn(K, T)
+    rate = max(rate, 2 * H * T * T * K / (bench(lambda: a @ b, repeats) / 1e3))
+    return flops, rate
+
+
 #: glibc malloc settings under which the resident set follows live memory: every block of
 #: 128 KiB or more is its own mapping, returned to the system when freed (under
 #: ``STABLE_MALLOC`` freed blocks stay in the heap, and growing temporaries, such as the score
@@ -199,8 +241,9 @@ def _mixer_only(spec: str, mixer: str, **overrides):
 
 
 def layer_cases(lengths):
-    """(name, T, ours, peer, leaves) for every layer comparison: two zero-argument callables and
-    the tensors a training step differentiates (the input and both layers' parameters)."""
+    """(name, T, ours, peer, leaves, module) for every layer comparison: two zero-argument
+    callables, the tensors a training step differentiates (the input and both layers'
+    parameters), and our layer's module (for :func:`projection_time`)."""
     import transformers as tf
     mamba_cfg = tf.MambaConfig(hidden_size=768, state_size=16, expand=2, conv_kernel=4,
                                num_hidden_layers=1, vocab_size=100)
@@ -229,14 +272,56 @@ def layer_cases(lengths):
         pos = torch.arange(T)[None]
         cases += [
             ("Mamba mixer vs MambaMixer (CPU path)", T, ours(ours_mamba, x),
-             lambda x=x: hf_mamba(x), leaves(x, ours_mamba, hf_mamba)),
+             lambda x=x: hf_mamba(x), leaves(x, ours_mamba, hf_mamba), ours_mamba),
             ("Mamba-2 mixer vs Mamba2Mixer (torch path)", T, ours(ours_mamba2, x),
-             lambda x=x: hf_mamba2(x), leaves(x, ours_mamba2, hf_mamba2)),
+             lambda x=x: hf_mamba2(x), leaves(x, ours_mamba2, hf_mamba2), ours_mamba2),
             ("Griffin RG-LRU mixer vs RecurrentGemma recurrent block", T, ours(ours_rg, xr),
              lambda xr=xr, pos=pos: hf_rg(xr, pos, None, use_cache=False),
-             leaves(xr, ours_rg, hf_rg)),
+             leaves(xr, ours_rg, hf_rg), ours_rg),
         ]
     return cases
+
+
+def projection_time(fn, module, repeats: int = 2) -> float:
+    """Time (ms, best of :data:`ROUNDS`) of the dense projections alone that ``fn`` (a forward
+    of ``module``) runs: every ``nn.Linear`` call recorded by a hook, then replayed on fresh
+    inputs of the recorded shapes. Both layers of a comparison run these same matrix products,
+    so ``peer / projections`` bounds the speed-up any recurrence could buy (Amdahl)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, args, _: calls.append((m, args[0].shape)))
+             for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    replay = [(m, torch.randn(shape)) for m, shape in calls]
+
+    def run():
+        for m, x in replay:
+            torch.nn.functional.linear(x, m.weight, m.bias)
+    with torch.no_grad():
+        return min(bench(run, repeats) for _ in range(ROUNDS))
+
+
+def attention_floor(T: int, repeats: int = 3) -> tuple[float, float]:
+    """``(FLOPs, best matmul rate)`` of causal attention for the MQA core case at length T: the
+    ``q kᵀ`` and ``p v`` products over the causal half only (``2·2·H·K·T²/2``), and the best
+    FLOP rate of ``torch.bmm`` / ``torch.mm`` on this machine over the block shapes a blocked
+    attention uses (64 to 512 rows). ``FLOPs / rate`` is a floor on any exact attention
+    forward built from these products, whatever its blocking."""
+    x = cores.inputs(T)
+    H, K = x["q"].shape[2], x["q"].shape[3]
+    flops = 2 * H * K * T * T
+    rate = 0.0
+    for rows in (64, 128, 256, 512):
+        n = max(1, H * T // rows)
+        a, b = torch.randn(n, rows, K), torch.randn(n, K, rows)
+        rate = max(rate, 2 * n * rows * rows * K / (bench(lambda: torch.bmm(a, b), repeats) / 1e3))
+    a, b = torch.randn(H * T, K), torch.randn(K, T)
+    rate = max(rate, 2 * H * T * T * K / (bench(lambda: a @ b, repeats) / 1e3))
+    return flops, rate
 
 
 #: glibc malloc settings that keep multi-MB buffers mapped between calls: without them, page
@@ -255,13 +340,17 @@ def measure(lengths, repeats) -> dict:
     layers = layer_cases(lengths)
     with torch.no_grad():
         out["ours"] = {(name, T): min(bench(fn, 2) for _ in range(ROUNDS))
-                       for name, T, fn, _, _ in layers}
+                       for name, T, fn, _, _, _ in layers}
     out["roofline"] = {("linear", 2048): roofline(repeats=repeats)}
+    out["projections"] = {(name, T): projection_time(fn, module)
+                          for name, T, fn, _, _, module in layers}
+    out["attention_floor"] = {("attention", T): attention_floor(T) for T in lengths
+                              if T <= 2048}
     with_ref = [T for T in lengths if T <= 2048]
     out["fwd_ref"] = core_times(with_ref, repeats, references=True)
     with torch.no_grad():
         out["peers"] = {(name, T): min(bench(fn, 1) for _ in range(ROUNDS))
-                        for name, T, _, fn, _ in layers}
+                        for name, T, _, fn, _, _ in layers}
     out["bwd"] = core_times(lengths[:2], 2, backward=True)
     out["bwd_ref"] = core_times([T for T in lengths[:2] if T <= 2048], 2, backward=True,
                                 references=True)
@@ -270,9 +359,9 @@ def measure(lengths, repeats) -> dict:
     # forward + backward at T = 512
     train = [case for case in layers if case[1] == lengths[0]]
     out["ours_bwd"] = {(name, T): min(bench(fwd_bwd(fn, x), 1) for _ in range(ROUNDS))
-                       for name, T, fn, _, x in train}
+                       for name, T, fn, _, x, _ in train}
     out["peers_bwd"] = {(name, T): bench(fwd_bwd(fn, x), 2, warmup=0)
-                        for name, T, _, fn, x in train}
+                        for name, T, _, fn, x, _ in train}
     return out
 
 
@@ -299,7 +388,9 @@ def measure_processes(lengths, repeats, processes: int, quick: bool) -> dict:
                             *(["--quick"] if quick else [])], check=True, env=os.environ)
             data = json.loads(Path(f.name).read_text())
         for table, rows in data.items():
-            pick = max if table == "roofline" else min      # rates: higher is better
+            # rates: higher is better (the roofline: measured rate and bmm's; the attention
+            # floor: a FLOP count and the best matmul rate)
+            pick = max if table in ("roofline", "attention_floor") else min
             mine = merged.setdefault(table, {})
             for name, T, value in rows:
                 key, value = (name, int(T)), tuple(value) if isinstance(value, list) else value
@@ -356,13 +447,32 @@ def main():
               "",
               "## Peak memory of each chunked forward beyond its inputs (B=1, H=4, K=V=64)", "",
               *peaks, ""]
+    for (_, T), (flops, rate) in m["attention_floor"].items():
+        floor = flops / rate * 1e3
+        ref = m["fwd_ref"].get(("attention, MQA", T), float("nan"))
+        lines.append(f"Floor, `attention` MQA at T={T}: {flops / 1e9:.2f} GFLOP of causal "
+                     f"products at the best matmul rate measured ({rate / 1e9:.0f} GFLOP/s) take "
+                     f"{floor:.1f} ms, so no exact forward of these products is more than "
+                     f"{ratio(ref, floor)} faster than the sequential reference.")
+    lines.append("")
     for title, ours, peers in (("forward", m["ours"], m["peers"]),
                                ("forward + backward", m["ours_bwd"], m["peers_bwd"])):
-        lines += [f"## Layers, {title} (B=1), ms", "",
-                  "| layer vs peer | T | seqdsl | peer | speed-up |", "|---|---|---|---|---|"]
+        forward = title == "forward"
+        lines += [f"## Layers, {title} (B=1), ms", ""]
+        if forward:
+            lines += ["*projections*: the layer's dense `nn.Linear` products alone (the peer runs "
+                      "the same ones); *ceiling*: peer / projections, the largest speed-up "
+                      "that any recurrence, however fast, could give.", ""]
+        lines += ["| layer vs peer | T | seqdsl | peer | speed-up |"
+                  + (" projections | ceiling |" if forward else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if forward else "")]
         for (name, T), fast in ours.items():
             peer = peers[name, T]
-            lines.append(f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |")
+            row = f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |"
+            if forward:
+                proj = m["projections"][name, T]
+                row += f" {proj:.1f} | {peer / proj:.1f}x |"
+            lines.append(row)
         lines.append("")
     text = "\n".join(lines)
     print(text)
