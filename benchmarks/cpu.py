@@ -149,48 +149,6 @@ print((kib("VmHWM:") - before) * 1024)
 """
 
 
-def projection_time(fn, module, repeats: int = 2) -> float:
-    """Time (ms, best of :data:`ROUNDS`) of the dense projections alone that ``fn`` (a forward
-    of ``module``) runs: every ``nn.Linear`` call recorded by a hook, then replayed on fresh
-    inputs of the recorded shapes. Both layers of a comparison run these same matrix products,
-    so ``peer / projections`` bounds the speed-up any recurrence could buy (Amdahl)."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, args, _: calls.append((m, args[0].shape)))
-             for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        with torch.no_grad():
-            fn()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    replay = [(m, torch.randn(shape)) for m, shape in calls]
-
-    def run():
-        for m, x in replay:
-            torch.nn.functional.linear(x, m.weight, m.bias)
-    with torch.no_grad():
-        return min(bench(run, repeats) for _ in range(ROUNDS))
-
-
-def attention_floor(T: int, repeats: int = 3) -> tuple[float, float]:
-    """``(FLOPs, best matmul rate)`` of causal attention for the MQA core case at length T: the
-    ``q kᵀ`` and ``p v`` products over the causal half only (``2·2·H·K·T²/2``), and the best
-    FLOP rate of ``torch.bmm`` / ``torch.mm`` on this machine over the block shapes a blocked
-    attention uses (64 to 512 rows). ``FLOPs / rate`` is a floor on any exact attention
-    forward built from these products, whatever its blocking."""
-    x = cores.inputs(T)
-    H, K = x["q"].shape[2], x["q"].shape[3]
-    flops = 2 * H * K * T * T
-    rate = 0.0
-    for rows in (64, 128, 256, 512):
-        n = max(1, H * T // rows)
-        a, b = torch.randn(n, rows, K), torch.randn(n, K, rows)
-        rate = max(rate, 2 * n * rows * rows * K / (bench(lambda: torch.bmm(a, b), repeats) / 1e3))
-    a, b = torch.randn(H * T, K), torch.randn(K, T)
-    rate = max(rate, 2 * H * T * T * K / (bench(lambda: a @ b, repeats) / 1e3))
-    return flops, rate
-
-
 #: glibc malloc settings under which the resident set follows live memory: every block of
 #: 128 KiB or more is its own mapping, returned to the system when freed (under
 #: ``STABLE_MALLOC`` freed blocks stay in the heap, and growing temporaries, such as the score
