@@ -407,6 +407,31 @@ def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state, second_o
         assert torch.autograd.gradgradcheck(f, leaves)
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar", "key"])
+@pytest.mark.parametrize("strict, with_state", [(False, True), (True, True), (False, False)])
+def test_chunked_form_backward_gradcheck(decay, strict, with_state):
+    """The hand-written backward of the chunked `linear` matmul core (``_ChunkedForm``) against
+    finite differences in float64, output by output (so each runs with the other's gradient
+    absent): no, scalar and per-key chunk decays, strict or not, with and without an initial
+    state; and its double backward (the recomposed products)."""
+    form = importlib.import_module("seqdsl.ops.linear")._ChunkedForm
+    N, n, C, K, V = 2, 3, 4, 3, 2
+    q, k = (_randn(N, n, C, K, seed=s).double() for s in (1, 2))
+    v = _randn(N, n, C, V, seed=3).double()
+    d = {"none": None, "scalar": torch.rand(N, n, 1, 1, generator=_gen(4)).double(),
+         "key": torch.rand(N, n, K, 1, generator=_gen(4)).double()}[decay]
+    S0 = _randn(N, K, V, seed=5).double() if with_state else None
+    xs = [x.requires_grad_() if x is not None else None for x in (q, k, v, d, S0)]
+    leaves = [x for x in xs if x is not None]
+
+    def f(*ls):
+        it = iter(ls)
+        return form.apply(*[None if x is None else next(it) for x in xs], strict)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+
+
 @pytest.mark.parametrize("decay, heads", [("key", 2), ("scalar", 2), ("scalar", 1)])
 @pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
 def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):

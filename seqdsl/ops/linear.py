@@ -234,6 +234,10 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale, strict=False):
         e_G, e_negG = (f.mT for f in factors)                        # [B, Hq, n, C, 1]
         q_in = to_chunks_scaled(q, C, e_G * scale)                   # scale folded in: no pass on o
         k_back = to_chunks_scaled(k, C, e_negG)                      # k_j e^{-G_j}
+        if needs_grad(q_in, k_back, vc, S0):    # the same products, with a hand-written backward
+            chunk_decay = torch.exp(G[..., -1:].to(q.dtype))          # [B, H, n, 1, 1]
+            o, S = chunked_form(q_in, k_back, vc, chunk_decay, S0, strict)
+            return from_chunks(o, T), S
         scores = (q_in @ k_back.mT).tril_(-int(strict))              # (q_i·k_j) e^{G_i - G_j}
         # the writes decayed to the chunk end, e^{G_C} Σ_j k_j e^{-G_j} v_jᵀ: the factor e^{G_C}
         # is applied in the state pass, S_c = e^{G_C} (S_{c-1} + Σ_j ...)
@@ -248,6 +252,11 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale, strict=False):
         o = from_chunks(o, T).reshape(B, T, H, V)
         return o, _ungroup_state(S, B)
 
+    if g is None and needs_grad(q, k, v, S0):   # no decay, with a hand-written backward
+        S0 = None if S0 is None else _group_state(S0, Hq).reshape(B, Hq, K, r * V)
+        o, S = chunked_form(to_chunks(q, C) * scale, to_chunks(k, C), vc, None, S0, strict)
+        o = from_chunks(o, T).reshape(B, T, H, V)                    # [B, Hq, n, C, r·V] -> ..
+        return o, _ungroup_state(S.view(B * Hq, K, r, V), B)
     qc, kc = to_chunks(q, C), to_chunks(k, C)                        # [B, Hq, n, C, K]
     scores = (qc @ kc.mT).tril_(-int(strict))                        # [B, Hq, n, C, C]
     if g is None:  # no decay: one causal score matrix for all r value heads
@@ -336,6 +345,125 @@ def _pass_states(decay: Tensor | None, writes: Tensor, S0: Tensor | None,
     return writes, S
 
 
+class _ChunkedForm(torch.autograd.Function):
+    """The matmul core shared by the chunked forms whose decay rides on the rows, with a
+    hand-written backward (autograd through it records some 40 ops per segment and keeps
+    every intermediate). Over ``N`` (batch × heads) and ``n`` chunks of ``C`` steps:
+
+        P_c = tril(q̃_c k̃_cᵀ)          (strictly lower with ``strict``)
+        X_c = S_{c-1} + k̃_cᵀ v_c,      S_c = d_c ⊙ X_c           (d: None = no decay)
+        o_c = P_c v_c + q̃_c S_{c-1}
+
+    ``q̃ [N, n, C, K]`` carries the decay from the chunk start (and the scale), ``k̃`` the
+    inverse decay to it, ``d [N, n, K|1, 1]`` is the whole chunk's decay, ``S_0 [N, K, V]``.
+    Backward, with ``Λ_c = ∂L/∂S_c`` (``Λ_n`` the final state's gradient):
+    ``Λ_{c-1} = d_c ⊙ Λ_c + q̃_cᵀ do_c`` (one fused multiply-add per chunk, in place),
+    ``∂X_c = d_c ⊙ Λ_c``, ``∂d_c = Σ Λ_c ⊙ X_c``, then every chunk at once:
+    ``∂P = tril(do vᵀ)``, ``∂q̃ = ∂P k̃ + do S_{c-1}ᵀ``, ``∂k̃ = ∂Pᵀ q̃ + v ∂X_cᵀ``,
+    ``∂v = Pᵀ do + k̃ ∂X_c``, ``∂S_0 = Λ_0``. The forward keeps ``P``, the entering states and
+    ``X`` (each the size of one ``[N, T, K|C]`` activation); first-order only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, d, S0, strict):
+        N, n, C, K = q.shape
+        V = v.shape[-1]
+        P = (q @ k.mT).tril_(-int(strict))                           # [N, n, C, C]
+        X = k.mT @ v                                                 # writes, then X: [N, n, K, V]
+        if S0 is not None:
+            X[:, 0].add_(S0)
+        for c in range(1, n):                                        # X_c += d_{c-1} ⊙ X_{c-1}
+            X[:, c].add_(X[:, c - 1]) if d is None else X[:, c].addcmul_(d[:, c - 1], X[:, c - 1])
+        S_prev = torch.empty_like(X)                                 # S_{c-1} = d_{c-1} ⊙ X_{c-1}
+        if S0 is None:
+            S_prev[:, 0].zero_()
+        else:
+            S_prev[:, 0] = S0
+        if d is None:
+            S_prev[:, 1:] = X[:, :-1]
+            S = X[:, -1].clone()                                     # not a view of X
+        else:
+            torch.mul(X[:, :-1], d[:, :-1], out=S_prev[:, 1:])
+            S = X[:, -1] * d[:, -1]
+        o = P @ v                          # (a fresh tensor, not a view: the caller may add in place)
+        o.view(N * n, C, V).baddbmm_(q.flatten(0, 1), S_prev.flatten(0, 1))
+        ctx.save_for_backward(q, k, v, d, S0, P, S_prev, X)
+        ctx.strict = strict
+        ctx.set_materialize_grads(False)
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, d, S0, P, S_prev, X = ctx.saved_tensors
+        if torch.is_grad_enabled():     # double backward: differentiate the plain composition
+            return _ChunkedForm.backward_by_autograd(ctx, (q, k, v, d, S0), do, dS)
+        N, n, C, K = q.shape
+        # (the gradient arrives in the output's [B, T, H] layout: one copy, not one per product)
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        D = q.mT @ do                                                # q̃_cᵀ do_c: [N, n, K, V]
+        lam = torch.zeros_like(D[:, 0]) if dS is None else dS
+        for c in range(n - 1, -1, -1):                               # Λ_{c-1}, over D in place
+            D_c = D[:, c]
+            lam = D_c.add_(lam) if d is None else D_c.addcmul_(d[:, c], lam)
+        # Λ_c for every chunk: D shifted by one (D[:, c] now holds Λ_{c-1})
+        lam_all = torch.cat([D[:, 1:], (torch.zeros_like(D[:, :1]) if dS is None
+                                        else dS[:, None])], dim=1)
+        dd = None
+        if d is not None:
+            if ctx.needs_input_grad[3]:
+                dd = (lam_all * X).sum_to_size(d.shape)
+            dX = lam_all.mul_(d)
+        else:
+            dX = lam_all
+        dP = (do @ v.mT).tril_(-int(ctx.strict))
+        dq = torch.baddbmm((dP @ k).flatten(0, 1), do.flatten(0, 1),
+                           S_prev.flatten(0, 1).mT).view(q.shape)
+        dk = torch.baddbmm((dP.mT @ q).flatten(0, 1), v.flatten(0, 1),
+                           dX.flatten(0, 1).mT).view(k.shape)
+        dv = torch.baddbmm((P.mT @ do).flatten(0, 1), k.flatten(0, 1),
+                           dX.flatten(0, 1)).view(v.shape)
+        dS0 = D[:, 0] if S0 is not None else None
+        return dq, dk, dv, dd, dS0, None
+
+    @staticmethod
+    def backward_by_autograd(ctx, inputs, do, dS):
+        """The gradients with a graph (``create_graph``): the same products recomputed with
+        autograd from the saved inputs (:func:`_chunked_form_composed`), then differentiated."""
+        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            o, S = _chunked_form_composed(*inputs, ctx.strict)
+            pairs = [(t, g) for t, g in ((o, do), (S, dS)) if g is not None]
+            grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
+                                        [g for _, g in pairs], create_graph=True,
+                                        allow_unused=True)
+        out = [None] * 6
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
+
+
+def _chunked_form_composed(q, k, v, d, S0, strict):
+    """:class:`_ChunkedForm`'s forward as plain differentiable ops (for its double backward)."""
+    N, n, C, K = q.shape
+    writes = k.mT @ v
+    S = q.new_zeros(N, K, v.shape[-1]) if S0 is None else S0
+    entering = []
+    for c, W_c in enumerate(writes.unbind(1)):
+        entering.append(S)
+        S = S + W_c if d is None else (S + W_c) * d[:, c]
+    o = (q @ k.mT).tril(-int(strict)) @ v + q @ torch.stack(entering, dim=1)
+    return o, S
+
+
+def chunked_form(q: Tensor, k: Tensor, v: Tensor, d: Tensor | None, S0: Tensor | None,
+                 strict: bool = False) -> tuple[Tensor, Tensor]:
+    """:class:`_ChunkedForm` on ``[B, H, n, C, *]`` chunks (``d [B, H, n, K|1, 1]`` or None,
+    ``S0 [B, H, K, V]`` or None): ``(o [B, H, n, C, V], S [B, H, K, V])``."""
+    B, H = q.shape[:2]
+    flat = [None if x is None else x.flatten(0, 1) for x in (q, k, v, d, S0)]
+    o, S = _ChunkedForm.apply(*flat, strict)
+    return o.view(*v.shape), S.view(B, H, *S.shape[1:])
+
+
 def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
     """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``, q then
     arriving scaled) over time segments. When the decay itself needs a gradient, the strict form
@@ -387,6 +515,9 @@ def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
         e_negG = torch.reciprocal(e_G)                    # e^{-G} to 1 ulp, for one exp pass
         q_in = to_chunks_scaled(q, chunk, e_G)            # q_i e^{G_i}: reads S_prev too
         k_back = to_chunks_scaled(k, chunk, e_negG)       # k_j e^{-G_j}
+        if needs_grad(q_in, k_back, vc, S0):   # the same products, with a hand-written backward
+            o, S = chunked_form(q_in, k_back, vc, e_G[..., -1, :, None], S0, strict)
+            return from_chunks(o, T), S
         o = (q_in @ k_back.mT).tril_(-int(strict)) @ vc   # Σ_{j<=i} (q_i e^{G_i - G_j})·k_j v_j
         chunk_decay = e_G[..., -1, :, None]               # [B, H, n, K, 1]
         writes = (k_back * chunk_decay.mT).mT @ vc        # k_j e^{G_C - G_j}: to the chunk end
