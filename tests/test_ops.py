@@ -407,6 +407,41 @@ def _gradcheck_chunked(monkeypatch, core, leaves, n_inputs, with_state, second_o
         assert torch.autograd.gradgradcheck(f, leaves)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_fast_forms_leave_their_inputs_unchanged(name, dtype, heads):
+    """No fast form writes into its inputs or initial state (in-place work stays on its own
+    buffers): one head, where a chunk-layout copy of an input can come back as a view of it,
+    and two; fp32 (the base-2 decay path) and float64."""
+    case = CASES[name]
+    # T a multiple of the chunk: no padding copy before the chunk layout
+    x, h0, options = case.make(48, 1, **case.kwargs)
+    if heads == 1 and name.startswith(("scan", "attention")):
+        pytest.skip("no head dim to narrow (scan), kv heads = 1 already (attention)")
+
+    def head_dim(key):
+        if key == "h0":
+            return 1
+        return 3 if name.startswith("delta_steps") and key in ("k", "v", "beta") else 2
+
+    def to(t, key):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() and not t.is_complex():
+            return t
+        if heads == 1:
+            t = t.narrow(head_dim(key), 0, 1)
+        return t.to((torch.complex64 if dtype == torch.float32 else torch.complex128)
+                    if t.is_complex() else dtype).contiguous()
+    x, h0 = {key: to(t, key) for key, t in x.items()}, to(h0, "h0")
+    before = {n: t.clone() for n, t in x.items() if isinstance(t, torch.Tensor)}
+    h0_before = None if h0 is None else h0.clone()
+    with torch.no_grad():
+        _run(case, case.fast, x, h0, options, chunk=16)
+    for n, t in before.items():
+        assert torch.equal(x[n], t), f"{name}: input {n} modified"
+    assert h0 is None or torch.equal(h0, h0_before), f"{name}: initial state modified"
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 @pytest.mark.parametrize("strict, with_state", [(False, True), (True, True), (False, False)])
 def test_chunked_form_backward_gradcheck(decay, strict, with_state):

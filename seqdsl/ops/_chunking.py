@@ -138,12 +138,13 @@ def decay_matrix(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 FACTOR_LIMIT = 30.0
 
 
-def within_factor_limit(G: Tensor) -> bool:
-    """Whether every ``|G|`` (cumulative log decays) is within :data:`FACTOR_LIMIT`, so that
-    ``e^G`` and ``e^{-G}`` may be formed separately. One scalar check (a host sync: cheap on a
-    CPU, where these forms run)."""
+def within_factor_limit(G: Tensor, unit: float = 1.0) -> bool:
+    """Whether every ``|G|`` (cumulative log decays, in units of ``1 / unit`` nats: ``LOG2E``
+    for base-2 logarithms) is within :data:`FACTOR_LIMIT`, so that ``e^G`` and ``e^{-G}`` may
+    be formed separately. One scalar check (a host sync: cheap on a CPU, where these forms
+    run)."""
     low, high = torch.aminmax(G.detach())
-    return max(-float(low), float(high)) <= FACTOR_LIMIT
+    return max(-float(low), float(high)) <= FACTOR_LIMIT * unit
 
 
 def decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:

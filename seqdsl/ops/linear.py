@@ -182,7 +182,7 @@ def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
     elif g is not None and g.ndim == 5:
         o, S = _chunk_loop_state_decay(*_expand_heads(q * scale, k, v), g, S0)
     elif g is not None and g.ndim == 4:
-        o, S = _with_decay_grad(*_expand_heads(q * scale, k, v), g, S0, chunk_size)
+        o, S = _with_decay_grad(*_expand_heads(q, k, v), g, S0, chunk_size, scale)
     elif g is not None:
         _check_heads(q, k, v)
         o, S = _with_decay_grad(q, k, v, g, S0, chunk_size, scale)
@@ -465,13 +465,13 @@ def chunked_form(q: Tensor, k: Tensor, v: Tensor, d: Tensor | None, S0: Tensor |
 
 
 def _with_decay_grad(q, k, v, g, S0, chunk, scale=1.0):
-    """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``, q then
-    arriving scaled) over time segments. When the decay itself needs a gradient, the strict form
+    """A chunked form with a decay (scalar ``[B, T, H]`` or per-key ``[B, T, H, K]``) over
+    time segments. When the decay itself needs a gradient, the strict form
     with each step's own write ``scale (q_t·k_t) v_t`` (and ``k_T v_Tᵀ`` in the final state)
     added outside the decay factors (:func:`strict_last_step_apart`): exact decay gradients
     under strong decays. q/k may be shared by groups of value heads (scalar decay only)."""
     per_key = g.ndim == 4
-    fn, args = (_chunked_per_key, ()) if per_key else (_chunked_scalar, (scale,))
+    fn, args = (_chunked_per_key if per_key else _chunked_scalar), (scale,)
     if not needs_grad(g):
         return over_segments(fn, (q, k, v, g), S0, chunk, v.shape[2], *args)
     B, T, Hq, K = q.shape
@@ -490,7 +490,7 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
     return x.reshape(*x.shape[:2], groups, x.shape[2] // groups, *x.shape[3:])
 
 
-def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
+def _chunked_per_key(q, k, v, g, S0, chunk, scale=1.0, strict=False):
     """Chunked form for a per-key ``[B, T, H, K]`` log decay.
 
     Within a chunk, with ``G_i`` the log decay accumulated from the chunk start through step i:
@@ -502,36 +502,56 @@ def _chunked_per_key(q, k, v, g, S0, chunk, strict=False):
     ``e^{G_i}·e^{-G_j}`` is off by a few ulps of ``|G| <= FACTOR_LIMIT`` in the exponent:
     ~1e-6 relative in fp32 at the limit, ~1e-7 for usual gates. Otherwise every exponent is
     kept <= 0: the intra-chunk scores come from :func:`_intra_scores_per_key`. The
-    chunk-to-chunk recurrence is :func:`_pass_states`. ``strict`` drops the diagonal pairs
-    ``(q_i·k_i) v_i`` from the output (for :func:`_with_decay_grad`).
+    chunk-to-chunk recurrence is :func:`_pass_states`. ``scale`` multiplies the output;
+    ``strict`` drops the diagonal pairs ``(q_i·k_i) v_i`` from it (for :func:`_with_decay_grad`).
+
+    Without autograd every pass over a ``[B, T, H, K]`` operand that can be folded into another
+    is: the scale rides on v's chunk copy (and on the state, which is then ``scale·S``
+    throughout), ``log2 e`` on the decay's chunk copy so that ``e^G`` is one ``exp2`` pass, and
+    the chunk's decay is applied to the state after the writes (``S = e^{G_C} ⊙ (S_prev +
+    Σ_j (k_j e^{-G_j}) v_jᵀ)``, as for a scalar decay) rather than to every key.
     """
     B, T, H, K = q.shape
-    vc = to_chunks(v, chunk)                                                    # [B, H, n, C, V]
-    gc = to_chunks(g, chunk)                                                    # [B, H, n, C, K]
+    track = needs_grad(q, k, v, g, S0)
+    on_v = not track and scale != 1.0                     # the scale rides on v and the state
+    if on_v:
+        vc = to_chunks_scaled(v, chunk, v.new_tensor(scale))                    # [B, H, n, C, V]
+        S0 = None if S0 is None else S0 * scale
+    else:
+        vc = to_chunks(v, chunk)
     n = vc.shape[2]
-    G = gc.cumsum(3)                                      # log decay chunk start -> i (incl.)
-    if within_factor_limit(G):                            # usual: the decay rides on q and k rows
-        e_G = exp_fast(G)
+    base2 = not track and g.dtype == torch.float32        # G in units of log 2: e^G = 2^{G'}
+    gc = to_chunks_scaled(g, chunk, g.new_tensor(LOG2E)) if base2 else to_chunks(g, chunk)
+    G = gc.cumsum_(3) if base2 else gc.cumsum(3)            # log decay chunk start -> i (incl.)
+    if within_factor_limit(G, LOG2E if base2 else 1.0):  # usual: the decay rides on q and k rows
+        e_G = G.exp2_() if base2 else exp_fast(G)
         e_negG = torch.reciprocal(e_G)                    # e^{-G} to 1 ulp, for one exp pass
-        q_in = to_chunks_scaled(q, chunk, e_G)            # q_i e^{G_i}: reads S_prev too
+        q_in = to_chunks_scaled(q, chunk, e_G if on_v or scale == 1.0 else e_G * scale)
         k_back = to_chunks_scaled(k, chunk, e_negG)       # k_j e^{-G_j}
-        if needs_grad(q_in, k_back, vc, S0):   # the same products, with a hand-written backward
-            o, S = chunked_form(q_in, k_back, vc, e_G[..., -1, :, None], S0, strict)
+        chunk_decay = e_G[..., -1, :, None]               # [B, H, n, K, 1]
+        if track:                              # the same products, with a hand-written backward
+            o, S = chunked_form(q_in, k_back, vc, chunk_decay, S0, strict)
             return from_chunks(o, T), S
         o = (q_in @ k_back.mT).tril_(-int(strict)) @ vc   # Σ_{j<=i} (q_i e^{G_i - G_j})·k_j v_j
-        chunk_decay = e_G[..., -1, :, None]               # [B, H, n, K, 1]
-        writes = (k_back * chunk_decay.mT).mT @ vc        # k_j e^{G_C - G_j}: to the chunk end
+        S_prev, S = _pass_states(chunk_decay.flatten(0, 1), (k_back.mT @ vc).flatten(0, 1),
+                                 None if S0 is None else S0.flatten(0, 1), decay_after=True)
     else:
+        if base2:                                         # (natural units for the exact path)
+            gc = to_chunks(g, chunk)
+            G = gc.cumsum(3)
         qc, kc = to_chunks(q, chunk), to_chunks(k, chunk)                       # [B,H,n,C,K]
+        if not on_v and scale != 1.0:
+            qc = qc * scale
         o = _intra_scores_per_key(qc, kc, gc, strict) @ vc                      # [B,H,n,C,V]
         q_in = qc * torch.exp(G)                          # reads the state entering the chunk
         k_out = kc * torch.exp(cumsum_to_end(gc, 3))      # decays each write to the chunk end
         writes = k_out.mT @ vc                            # [B, H, n, K, V] writes of each chunk
         chunk_decay = torch.exp(G[..., -1, :])[..., None]  # [B, H, n, K, 1]
-    S_prev, S = _pass_states(chunk_decay.flatten(0, 1), writes.flatten(0, 1),
-                             None if S0 is None else S0.flatten(0, 1))
+        S_prev, S = _pass_states(chunk_decay.flatten(0, 1), writes.flatten(0, 1),
+                                 None if S0 is None else S0.flatten(0, 1))
     o = torch.baddbmm(o.flatten(0, 2), q_in.flatten(0, 2), S_prev.view(B * H * n, K, -1))
-    return from_chunks(o.view(B, H, n, chunk, -1), T), S.view(B, H, K, -1)
+    S = S.view(B, H, K, -1)
+    return from_chunks(o.view(B, H, n, chunk, -1), T), (S / scale if on_v else S)
 
 
 def _intra_scores_per_key(q, k, g, strict=False):
