@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from seqdsl import ops
-from seqdsl.backends.triton.codegen import core_spec, load_site
+from seqdsl.ops.tolerances import errors
+from seqdsl.backends.triton.codegen import core_call, core_inputs, core_spec, load_site
 
 #: (label, seqdsl core, decay, fla function name)
 CASES = [
@@ -37,35 +37,17 @@ CASES = [
 
 
 def inputs(core, decay, B, T, H, K, V, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", generator=g)
-    x = {"q": rnd(B, T, H, K), "k": rnd(B, T, H, K), "v": rnd(B, T, H, V)}
-    if core == "delta":
-        x["k"] = F.normalize(x["k"], dim=-1)
-        x["beta"] = torch.sigmoid(rnd(B, T, H))
-    if decay == "scalar":
-        x["g"] = F.logsigmoid(rnd(B, T, H) + 3)   # mild decays, as trained models have
-    elif decay == "key":
-        x["g"] = F.logsigmoid(rnd(B, T, H, K) + 3)
+    x = core_inputs(core, decay, B, T, H, K, V, "cuda", seed)
     return {n: t.to(dtype) if n in ("q", "k", "v") else t for n, t in x.items()}
 
 
 def seqdsl_fn(site, core):
-    def run(x):
-        args = (x["q"], x["k"], x["v"]) + ((x["beta"],) if core == "delta" else ())
-        return site.triton(*args, x.get("g"), initial_state=None, output_final_state=True)
-    return run
+    return lambda x: core_call(site.triton, core, x, initial_state=None, output_final_state=True)
 
 
 def torch_fn(core, scale):
-    def run(x):
-        if core == "delta":
-            return ops.delta(x["q"], x["k"], x["v"], x["beta"], x.get("g"), scale=scale,
-                             output_final_state=True)
-        return ops.linear(x["q"], x["k"], x["v"], x.get("g"), scale=scale, output_final_state=True)
-    return run
+    fn = ops.delta if core == "delta" else ops.linear
+    return lambda x: core_call(fn, core, x, scale=scale, output_final_state=True)
 
 
 def fla_fn(name, core, decay, scale):
@@ -104,8 +86,7 @@ def bench(run, x, backward):
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
+    return errors(a, b)[0]
 
 
 def main(argv=None) -> int:

@@ -13,11 +13,11 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from seqdsl import ops
+from seqdsl.ops.tolerances import errors
 from seqdsl.backends.triton import support as ts
-from seqdsl.backends.triton.codegen import core_spec, load_site
+from seqdsl.backends.triton.codegen import core_call, core_inputs, core_spec, load_site
 
 
 #: "cuda"; "cpu" under TRITON_INTERPRET=1 (a dry run of this script, not of the GPU)
@@ -25,8 +25,7 @@ DEVICE = "cpu" if ts.INTERPRET else "cuda"
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return errors(a, b)[0]
 
 
 T_DEFAULT = 512
@@ -38,18 +37,11 @@ def case(core, decay, D, dtype, extras=None, B=2, T=None, H=4, seed=0, backward=
     spec.extras.update(extras or {})
     tag = "_".join(f"{k}{v}" for k, v in sorted((extras or {}).items())) or "default"
     site = load_site(spec, f"num_{core}_{decay}_{D}_{tag}")
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = core_inputs(core, decay, B, T, H, D, D, DEVICE, seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
 
     def rnd(*shape):
         return torch.randn(*shape, device=DEVICE, generator=g)
-    x = {"q": rnd(B, T, H, D), "k": rnd(B, T, H, D), "v": rnd(B, T, H, D)}
-    if core == "delta":
-        x["k"] = F.normalize(x["k"], dim=-1)
-        x["beta"] = torch.sigmoid(rnd(B, T, H))
-    if decay == "scalar":
-        x["g"] = F.logsigmoid(rnd(B, T, H) + 3)
-    elif decay == "key":
-        x["g"] = F.logsigmoid(rnd(B, T, H, D) + 3)
     x["h0"] = rnd(B, H, D, D)
     x = {n: (t.to(dtype).float() if n in ("q", "k", "v") else t) for n, t in x.items()}
     do, dS = rnd(B, T, H, D), rnd(B, H, D, D)
@@ -58,14 +50,10 @@ def case(core, decay, D, dtype, extras=None, B=2, T=None, H=4, seed=0, backward=
         leaves = {n: t.clone().requires_grad_(backward) for n, t in x.items()}
         a = {n: (t.to(dtype) if fast and n in ("q", "k", "v") else t) for n, t in leaves.items()}
         if fast:
-            args = (a["q"], a["k"], a["v"]) + ((a["beta"],) if core == "delta" else ())
-            o, S = site.triton(*args, a.get("g"), initial_state=a["h0"], output_final_state=True)
-        elif core == "delta":
-            o, S = ops.delta(a["q"], a["k"], a["v"], a["beta"], a.get("g"), scale=D ** -0.5,
-                             initial_state=a["h0"], output_final_state=True)
+            o, S = core_call(site.triton, core, a, initial_state=a["h0"], output_final_state=True)
         else:
-            o, S = ops.linear(a["q"], a["k"], a["v"], a.get("g"), scale=D ** -0.5,
-                              initial_state=a["h0"], output_final_state=True)
+            o, S = core_call(ops.delta if core == "delta" else ops.linear, core, a,
+                             scale=D ** -0.5, initial_state=a["h0"], output_final_state=True)
         if backward:
             ((o.float() * do).sum() + (S * dS).sum()).backward()
         results.append((o.detach().float(), S.detach(), {n: t.grad for n, t in leaves.items()}))

@@ -186,6 +186,37 @@ def core_spec(core: str, H: int, K: int, V: int, HQ: int = 0, decay: str = "none
                               "chunk_min_t": CHUNK_MIN_T})
 
 
+def core_inputs(core: str, decay: str, B: int, T: int, H: int, K: int, V: int,
+                device: str = "cpu", seed: int = 0) -> dict:
+    """Random fp32 inputs of one ``linear`` / ``delta`` core call, as the GPU benchmark and
+    tools draw them: ``q, k [B, T, H, K]``, ``v [B, T, H, V]`` standard normal (``delta``: k
+    L2-normalised, ``beta [B, T, H]`` a sigmoid of one); ``g`` the mild log decays trained
+    models have, ``logsigmoid(N(0, 1) + 3)``: ``[B, T, H]`` (``decay="scalar"``),
+    ``[B, T, H, K]`` (``"key"``), absent (``"none"``). Deterministic in ``seed``."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+    x = {"q": rnd(B, T, H, K), "k": rnd(B, T, H, K), "v": rnd(B, T, H, V)}
+    if core == "delta":
+        x["k"] = F.normalize(x["k"], dim=-1)
+        x["beta"] = torch.sigmoid(rnd(B, T, H))
+    if decay in ("scalar", "key"):
+        x["g"] = F.logsigmoid(rnd(B, T, H, *((K,) if decay == "key" else ())) + 3)
+    return x
+
+
+def core_call(fn, core: str, x: dict, **kwargs):
+    """``fn(q, k, v, [beta,] g, **kwargs)`` on inputs named as :func:`core_inputs` names them
+    (``g`` None when absent): a kernel site's ``triton`` entry and ``seqdsl.ops.linear`` /
+    ``seqdsl.ops.delta`` alike."""
+    beta = (x["beta"],) if core == "delta" else ()
+    return fn(x["q"], x["k"], x["v"], *beta, x.get("g"), **kwargs)
+
+
 class KernelSites:
     """Names each core call's kernel site; equal specialisations share one site."""
 
