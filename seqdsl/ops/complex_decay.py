@@ -67,10 +67,11 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
     angle = _cumulative_angle(phase, real)                                   # Φ_t [B, T, H, K]
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    q2, k2 = _rotate(q, cos, sin, real, 1.0), _rotate(k, cos, sin, real, -1.0)  # [B, T, H, 2K]
-    rot = torch.complex(cos[:, -1], sin[:, -1]).to(cplx)                      # e^{iΦ_T}
-    del angle, cos, sin     # (without autograd: not held while the core runs)
+    cos = torch.cos(angle)
+    nsin = torch.sin(angle).neg_()                  # -sin Φ_t (sin's backward reads Φ, not it)
+    q2, k2 = _rotate(q, cos, nsin, real, 1.0), _rotate(k, cos, nsin, real, -1.0)  # [B, T, H, 2K]
+    rot = torch.complex(cos[:, -1], -nsin[:, -1]).to(cplx)                    # e^{iΦ_T}
+    del angle, cos, nsin    # (without autograd: not held while the core runs)
     g2 = torch.cat([log_magnitude, log_magnitude], dim=-1).to(real)        # [B, T, H, 2K]
     S0 = None
     if initial_state is not None:
@@ -96,7 +97,7 @@ def _cumulative_angle(phase: Tensor, dtype: torch.dtype) -> Tensor:
     float64 (fp32 cumulative sums of angles lose absolute precision), then cos and sin may be
     taken in the working dtype (an absolute error of ~1 ulp of π). The float64 temporaries
     live only here."""
-    angle = phase.double().cumsum(1)
+    angle = phase.cumsum(1, dtype=torch.float64)          # (the widening fused into the sum)
     # Φ - 2π·round(Φ / 2π): three float64 passes, ~4x cheaper than torch.remainder
     turns = torch.round(angle * (1 / (2 * math.pi)))
     return torch.addcmul(angle, turns, angle.new_tensor(-2 * math.pi)).to(dtype)
@@ -143,22 +144,23 @@ def _takes_strict(fn) -> bool:
         return False
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:
+def _rotate(x: Tensor, cos: Tensor, nsin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:
     """``x e^{i·sign·Φ}`` as the real halves ``[Re, -sign·Im]`` on the last dim (``[.., 2K]``):
     ``[Re Q, -Im Q]`` for q (sign +1), ``[Re K, Im K]`` for k (sign -1, the conjugate rotation),
-    in real arithmetic. For a real x both are ``[x cos Φ, -x sin Φ]``."""
+    in real arithmetic, from ``cos Φ`` and ``nsin = -sin Φ``. For a real x both are
+    ``[x cos Φ, -x sin Φ]``."""
     if x.is_complex():
         xr, xi = x.real.to(dtype), x.imag.to(dtype)
-        re = xr * cos - sign * xi * sin
-        im = sign * xr * sin + xi * cos
+        re = xr * cos + sign * xi * nsin
+        im = xi * cos - sign * xr * nsin
         return torch.cat([re, -sign * im], dim=-1)
     x = x.to(dtype)
-    if needs_grad(x, cos, sin):
-        return torch.cat([x * cos, -x * sin], dim=-1)
+    if needs_grad(x, cos, nsin):
+        return torch.cat([x * cos, x * nsin], dim=-1)
     out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
     K = x.shape[-1]
     torch.mul(x, cos, out=out[..., :K])
-    torch.mul(x, sin, out=out[..., K:]).neg_()
+    torch.mul(x, nsin, out=out[..., K:])
     return out
 
 
