@@ -659,12 +659,13 @@ def _chunk_loop_state_decay(q, k, v, g, S0):
     return torch.cat(outs, dim=1), S
 
 
-#: state entries ``[B, W, H, K, V]`` of one window of the ``[K, V]``-decay scan (16 MB in fp32,
-#: two or three such buffers alive): fewer, larger windows cut the per-op overhead of the
-#: window loop, which outweighs keeping a window in cache: measured against 2^20 (A/B in one
-#: process), the Mamba mixer 1.2x faster forward at T = 2048 (1.16x forward + backward at
-#: T = 512) and the [K, V] core case 1.23x forward, 1.3x forward + backward; 2^23 no faster
-WINDOW_ELEMENTS = 1 << 22
+#: state entries ``[B, W, H, K, V]`` of one window of the ``[K, V]``-decay scan (8 MB in fp32,
+#: two or three such buffers alive). Larger windows mean fewer ops (per-op overhead), smaller
+#: ones stay in cache; which wins depends on what else loads the machine. Medians of 170
+#: interleaved rounds in one process on this (shared) VM, 2^20 / 2^21 / 2^22 entries: with the
+#: caches to itself, the [K, V] core case 11.2 / 11.9 / 12.9 ms and the Mamba mixer at T = 2048
+#: 154 / 149 / 153 ms; under a neighbour's load 14.5 / 12.6 / 12.4 and 205 / 193 / 172 ms
+WINDOW_ELEMENTS = 1 << 21
 
 
 def _window_decay(k, v, log_decay, A, dt):
