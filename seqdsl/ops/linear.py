@@ -361,7 +361,9 @@ class _ChunkedForm(torch.autograd.Function):
     ``∂X_c = d_c ⊙ Λ_c``, ``∂d_c = Σ Λ_c ⊙ X_c``, then every chunk at once:
     ``∂P = tril(do vᵀ)``, ``∂q̃ = ∂P k̃ + do S_{c-1}ᵀ``, ``∂k̃ = ∂Pᵀ q̃ + v ∂X_cᵀ``,
     ``∂v = Pᵀ do + k̃ ∂X_c``, ``∂S_0 = Λ_0``. The forward keeps ``P``, the entering states and
-    ``X`` (each the size of one ``[N, T, K|C]`` activation); first-order only."""
+    ``X`` (each the size of one ``[N, T, K|C]`` activation). Under ``create_graph`` (a double
+    backward, which the decay gradients promise) the backward instead recomposes the same
+    products with autograd from the saved inputs and differentiates them."""
 
     @staticmethod
     def forward(ctx, q, k, v, d, S0, strict):
@@ -372,7 +374,10 @@ class _ChunkedForm(torch.autograd.Function):
         if S0 is not None:
             X[:, 0].add_(S0)
         for c in range(1, n):                                        # X_c += d_{c-1} ⊙ X_{c-1}
-            X[:, c].add_(X[:, c - 1]) if d is None else X[:, c].addcmul_(d[:, c - 1], X[:, c - 1])
+            if d is None:
+                X[:, c].add_(X[:, c - 1])
+            else:
+                X[:, c].addcmul_(d[:, c - 1], X[:, c - 1])
         S_prev = torch.empty_like(X)                                 # S_{c-1} = d_{c-1} ⊙ X_{c-1}
         if S0 is None:
             S_prev[:, 0].zero_()
