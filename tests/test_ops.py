@@ -905,10 +905,10 @@ def test_chunked_forms_over_many_segments(monkeypatch, core):
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["no cap", "cap"])
 @pytest.mark.parametrize("window", [None, 45, 70], ids=["causal", "window = T", "window > T"])
 def test_block_attention_gradients(window, softcap):
-    """Causal attention (and windows of at least T) runs query blocks with a FlashAttention-style
-    backward (rows' logsumexp saved, scores recomputed): T = 45 in blocks of 16 (the last one
-    partial), GQA, with and without a soft cap. Output and gradients of q, k, v against the
-    float64 reference."""
+    """Causal attention (and windows of at least T) with key and value sizes that differ (as
+    here) or a soft cap runs query blocks with a FlashAttention-style backward (rows' logsumexp
+    saved, scores recomputed): T = 45 in blocks of 16 (the last one partial), GQA, with and
+    without a soft cap. Output and gradients of q, k, v against the float64 reference."""
     _attention_against_the_reference(45, 21, f"block attention, window {window}, cap {softcap}",
                                      window=window, softcap=softcap)
 
@@ -919,15 +919,21 @@ def test_block_attention_gradients(window, softcap):
 def test_causal_attention_runs_the_fused_kernel(heads, kv_heads, dtype):
     """Causal attention without a cap goes to torch's fused kernel only where it runs the
     blocked (flash) CPU kernel, O(T) memory forward and backward: restricted to that backend,
-    the call must not fail (torch would otherwise fall back to dense T x T scores)."""
+    the call must not fail (torch would otherwise fall back to dense T x T scores). Output and
+    gradients of q, k, v against the float64 reference."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     x, _, _ = make_attention(50, 31, heads=heads, kv_heads=kv_heads)
-    x = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
-    x["v"] = x["v"].detach()[..., :K].contiguous().requires_grad_()   # V = K, as that kernel needs
+    # key size = value size, as that kernel needs
+    x = {n: t[..., :V].to(dtype).contiguous().requires_grad_() for n, t in x.items()}
+    w = torch.randn(B, 50, heads, V, generator=_gen(32))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         o = ops.attention(**x)
-        o.float().square().sum().backward()
-    assert all(t.grad is not None for t in x.values())
+        grads = torch.autograd.grad((o.float() * w).sum(), list(x.values()))
+    gold = ops.attention_ref(**_cast(x))
+    gold_grads = torch.autograd.grad((gold * w.double()).sum(), list(x.values()))
+    assert_close(o, gold, dtype, "fused causal attention")
+    for a, b, name in zip(grads, gold_grads, x):
+        assert_close(a, b, dtype, f"fused causal attention: gradient of {name}")
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
