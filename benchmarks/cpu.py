@@ -115,12 +115,13 @@ def roofline(T: int = 2048, chunk: int = 64, repeats: int = 5):
         t = bench(lambda: ops.linear(q, k, v, log_decay=gs, chunk_size=chunk), repeats) / 1000
     # intra-chunk q k^T and (masked) scores @ v, state readout q S and state update k^T v
     flops = 2 * H * T * (chunk * K + chunk * V + 2 * K * V)
-    n = H * (T // chunk)
-    x = torch.randn(n, chunk, K)
-    y = torch.randn(n, K, chunk)
-    t_mm = bench(lambda: torch.bmm(x, y), repeats) / 1000
-    rate = 2 * n * chunk * K * chunk / t_mm
-    return flops / t, rate
+    return flops / t, bmm_rate(H * (T // chunk), chunk, K, repeats)
+
+
+def bmm_rate(n: int, rows: int, K: int, repeats: int) -> float:
+    """FLOP/s of ``torch.bmm`` on ``n`` products ``[rows, K] @ [K, rows]``."""
+    a, b = torch.randn(n, rows, K), torch.randn(n, K, rows)
+    return 2 * n * rows * rows * K / (bench(lambda: torch.bmm(a, b), repeats) / 1000)
 
 
 #: run in a fresh interpreter by :func:`peak_memory`: the rise of the resident-set high-water
@@ -272,11 +273,7 @@ def attention_floor(T: int, repeats: int = 3) -> tuple[float, float]:
     x = cores.inputs(T)
     H, K = x["q"].shape[2], x["q"].shape[3]
     flops = 2 * H * K * T * T
-    rate = 0.0
-    for rows in (64, 128, 256, 512):
-        n = max(1, H * T // rows)
-        a, b = torch.randn(n, rows, K), torch.randn(n, K, rows)
-        rate = max(rate, 2 * n * rows * rows * K / (bench(lambda: torch.bmm(a, b), repeats) / 1e3))
+    rate = max(bmm_rate(max(1, H * T // rows), rows, K, repeats) for rows in (64, 128, 256, 512))
     a, b = torch.randn(H * T, K), torch.randn(K, T)
     rate = max(rate, 2 * H * T * T * K / (bench(lambda: a @ b, repeats) / 1e3))
     return flops, rate
