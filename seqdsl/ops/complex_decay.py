@@ -124,8 +124,7 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
         if inner is not None and q2.shape[1] > 1:
             return inner(q2, k2, v, g2, scale=scale, initial_state=S, output_final_state=True,
                          strict=strict)
-        q2, k2, v = _expand_heads(q2 * scale, k2, v)
-        return _chunked_per_key(q2, k2, v, g2, S, chunk, strict=strict)
+        return _chunked_per_key(*_expand_heads(q2, k2, v), g2, S, chunk, scale, strict)
 
     o, S = strict_last_step_apart(strict_form, (q2, k2, v, g2), 1, S0, chunk, H, (True,))
     # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
