@@ -902,6 +902,40 @@ def test_chunked_forms_over_many_segments(monkeypatch, core):
         assert_close(a, b, FP32, f"{core} over segments: gradient of {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("qk_heads", [H, 1])
+def test_complex_inference_form_over_segments(monkeypatch, qk_heads, dtype):
+    """Without autograd, ``linear_complex`` runs its own chunk-layout form (the angle summed
+    block by block, the magnitude's factors on K keys): with two chunks per segment and
+    T = 45 (segments of 16, 16 and 13 steps, the last chunk partial), a log magnitude that
+    leaves the factor limit in the second segment only (there the exact per-key form takes
+    over, and hands its state on), q/k shared by the value heads or not: output and final
+    state against the float64 complex loop and the generic lowering through ``linear``."""
+    chunking = importlib.import_module("seqdsl.ops._chunking")
+    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 2 * B * H)
+    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 2)
+    x, h0, _ = make_complex(45, 21)
+    x["q"], x["k"] = x["q"][:, :, :qk_heads], x["k"][:, :, :qk_heads]
+    x["log_magnitude"][:, 16:32] = -5.0           # |G| reaches 40 nats in a chunk of 8 steps
+    x = _cast(x, lambda t: t.to(dtype) if isinstance(t, torch.Tensor) else t)
+    gold_in = {**x, "q": x["q"].expand(-1, -1, H, -1), "k": x["k"].expand(-1, -1, H, -1)}
+    o_gold, S_gold = ops.linear_complex_ref(**_cast(gold_in), initial_state=_widen(h0),
+                                            output_final_state=True)
+    tol = FP32 if dtype == torch.float32 else FP64
+    for state in (h0, None):
+        o, S = ops.linear_complex(**x, initial_state=state, output_final_state=True,
+                                  chunk_size=8)
+        generic = ops.linear_complex(**x, initial_state=state, output_final_state=True,
+                                     inner=functools.partial(ops.linear, chunk_size=8))
+        if state is None:
+            o_gold, S_gold = ops.linear_complex_ref(**_cast(gold_in), output_final_state=True)
+        assert o.dtype == dtype and S.dtype == generic[1].dtype
+        assert_close(o, o_gold, tol, "inference form vs float64 loop")
+        assert_close(S, S_gold, tol, "inference form vs float64 loop: final state")
+        assert_close(o, generic[0], tol, "inference form vs the generic lowering")
+        assert_close(S, generic[1], tol, "inference form vs the generic lowering: final state")
+
+
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["no cap", "cap"])
 @pytest.mark.parametrize("window", [None, 45, 70], ids=["causal", "window = T", "window > T"])
 def test_block_attention_gradients(window, softcap):

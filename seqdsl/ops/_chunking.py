@@ -200,6 +200,12 @@ SEGMENT_CHUNKS = 64
 SEGMENT_MIN_CHUNKS = 8
 
 
+def segment_length(chunk: int, batch_heads: int) -> int:
+    """Steps per time segment of a chunked form over ``batch_heads`` (batch × heads) sequences:
+    :data:`SEGMENT_CHUNKS` chunk blocks, at least :data:`SEGMENT_MIN_CHUNKS` chunks of time."""
+    return chunk * max(SEGMENT_MIN_CHUNKS, SEGMENT_CHUNKS // batch_heads)
+
+
 def over_segments(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int, heads: int,
                   *args):
     """``fn(*seqs, state, chunk, *args) -> (o, state)`` over consecutive time segments of whole
@@ -209,7 +215,7 @@ def over_segments(fn: Callable, seqs: tuple, state: Tensor | None, chunk: int, h
     The recurrence is exact across segment boundaries: a chunked form is already a sequence
     of chunk-to-chunk state passes."""
     B, T = next(x for x in seqs if x is not None).shape[:2]
-    length = chunk * max(SEGMENT_MIN_CHUNKS, SEGMENT_CHUNKS // (B * heads))
+    length = segment_length(chunk, B * heads)
     if T <= length:
         return fn(*seqs, state, chunk, *args)
     # the segments by split: under autograd its backward is one cat, where slicing would have
@@ -278,5 +284,5 @@ def checkpointed(fn: Callable, *args):
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
            "centred_decay_factors", "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast",
-           "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "over_segments", "strict_last_step_apart",
+           "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "segment_length", "over_segments", "strict_last_step_apart",
            "cumsum_to_end", "sub_chunk_size", "checkpointed", "needs_grad"]

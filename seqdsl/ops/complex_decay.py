@@ -21,10 +21,12 @@ import math
 
 import torch
 
-from ._chunking import (compute_dtype, default_scale, needs_grad, output_dtype,
-                        strict_last_step_apart)
+from ._chunking import (LOG2E, compute_dtype, default_scale, from_chunks, needs_grad,
+                        output_dtype, pad_time, segment_length, strict_last_step_apart,
+                        to_chunks, to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
-from .linear import _chunked_per_key, _expand_heads, linear, linear_ref
+from .linear import (_chunked_per_key, _expand_heads, _rows_decayed_nograd, linear,
+                     linear_ref)
 
 Tensor = torch.Tensor
 
@@ -66,6 +68,11 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     K = q.shape[-1]
     real = compute_dtype(q.real, k.real, v, log_magnitude, phase)
     cplx = torch.complex128 if real == torch.float64 else torch.complex64
+    if inner is None and not q.is_complex() and not k.is_complex() and not needs_grad(
+            q, k, v, log_magnitude, phase, initial_state):
+        o, S = _chunked_nograd(*(x.to(real) for x in (q, k, v, log_magnitude, phase)),
+                               initial_state, chunk_size, default_scale(scale, K), cplx)
+        return o.to(_real_dtype(q, k, v)), (S if output_final_state else None)
     angle = _cumulative_angle(phase, real)                                   # Φ_t [B, T, H, K]
     cos = torch.cos(angle)
     nsin = torch.sin(angle).neg_()                  # -sin Φ_t (sin's backward reads Φ, not it)
@@ -92,15 +99,107 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     return o.to(_real_dtype(q, k, v)), S
 
 
-def _cumulative_angle(phase: Tensor, dtype: torch.dtype) -> Tensor:
+def _chunked_nograd(q, k, v, log_magnitude, phase, initial_state, chunk, scale, cplx):
+    """The lowered form without autograd, in the chunk layout from the start: the same real
+    ``2K``-key per-key form as :func:`linear` runs on ``[Re Q, -Im Q]``, ``[Re K, Im K]`` and
+    ``[log_magnitude, log_magnitude]``, with every ``[B, T, H, K]`` pass that the generic
+    lowering makes twice (or in another layout) made once:
+
+    * the angle ``Φ`` is summed chunk by chunk in float64 (a cumulative sum along a chunk of
+      64 steps, then one over the chunk totals: several times faster than one along all of T,
+      and as exact) and reduced to ``[-π, π]`` there, in the chunk layout, where
+      ``cos Φ`` and ``-sin Φ`` are written side by side (``[.., C, 2, K]``);
+    * the magnitude's decay factors ``e^{±G}`` are formed on K keys, not on the 2K of the
+      duplicated log decay, and ride on the rotation's factors, so that ``q_in`` and
+      ``k_back`` of the real form are each one product with q or k.
+
+    q, k real ``[B, T, H|Hq, K]``, v ``[B, T, H, V]``, log_magnitude and phase ``[B, T, H, K]``
+    (all in the compute dtype), initial_state complex ``[B, H, K, V]`` or None. Time runs in
+    segments of whole chunks (:func:`over_segments`' length) carrying the real state and the
+    angle at the segment's end. A segment whose accumulated log magnitude leaves the factor
+    limit runs the generic exact per-key form on its rotated operands.
+    Returns ``(o [B, T, H, V], complex S_T [B, H, K, V])``."""
+    q, k, v = _expand_heads(q, k, v)
+    B, T, H, K = q.shape
+    S = None
+    if initial_state is not None:
+        S0 = initial_state.to(cplx)
+        S = torch.cat([S0.real, S0.imag], dim=-2) * scale     # the scale rides on v and S
+    phi = q.new_zeros(B, H, 1, K, dtype=torch.float64)         # Φ entering the segment
+    length = segment_length(chunk, B * H)
+    outs = []
+    for seg in zip(*(x.split(length, dim=1) for x in (q, k, v, log_magnitude, phase))):
+        o, S, phi = _segment_nograd(*seg, S, phi, chunk, scale)
+        outs.append(o)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    S = S / scale
+    rot = torch.polar(torch.ones_like(phi[:, :, 0]), phi[:, :, 0]).to(cplx)    # e^{iΦ_T}
+    return o, torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
+
+
+def _segment_nograd(q, k, v, g, phase, S, phi, chunk, scale):
+    """One segment of :func:`_chunked_nograd`: ``(o, the real state S' (times scale), Φ)``
+    at its end, from those entering it (Φ float64 ``[B, H, 1, K]``, in ``[-π, π]``)."""
+    B, T, H, K = q.shape
+    # Φ in the chunk layout: float64 sums within each chunk, then the chunk totals
+    Phi = to_chunks_scaled(phase, chunk, phase.new_ones((), dtype=torch.float64)).cumsum_(3)
+    totals = Phi[..., -1, :].clone()                                  # [B, H, n, K]
+    entering = _wrap(totals.cumsum(2).sub_(totals).add_(phi))      # Φ before each chunk
+    phi_end = _wrap(entering[:, :, -1:] + totals[:, :, -1:])
+    n = Phi.shape[2]
+    Phi = _wrap(Phi.add_(entering[..., None, :]), out=q.new_empty(Phi.shape))  # (to q's dtype)
+    cos, nsin = torch.cos(Phi), torch.sin(Phi).neg_()               # [B, H, n, C, K]
+    del Phi
+    vc = to_chunks_scaled(v, chunk, v.new_tensor(scale))                       # [B, H, n, C, V]
+    base2 = g.dtype == torch.float32                     # e^G = 2^{G log2 e}: one exp2 pass
+    G = (to_chunks_scaled(g, chunk, g.new_tensor(LOG2E)) if base2 else to_chunks(g, chunk))
+    G = G.cumsum_(3) if base2 else G.cumsum(3)           # log magnitude chunk start -> i
+    if not within_factor_limit(G, LOG2E if base2 else 1.0):
+        # the exact per-key form on the rotated operands of this segment
+        cos, nsin = from_chunks(cos, T), from_chunks(nsin, T)
+        q2, k2 = _rotate(q, cos, nsin, q.dtype, 1.0), _rotate(k, cos, nsin, k.dtype, -1.0)
+        o, S = _chunked_per_key(q2, k2, v * scale, torch.cat([g, g], dim=-1), S, chunk)
+        return o, S, phi_end
+    e_G = G.exp2_() if base2 else G.exp_()
+
+    def rows(x, decay):                     # [x e^{±G} cos Φ, -x e^{±G} sin Φ]: [B, H, n, C, 2K]
+        x = to_chunks_scaled(x, chunk, decay)
+        out = x.new_empty(*x.shape[:-1], 2 * K)
+        torch.mul(x, cos, out=out[..., :K])
+        torch.mul(x, nsin, out=out[..., K:])
+        return out
+
+    q_in, k_back = rows(q, e_G), rows(k, torch.reciprocal(e_G))
+    chunk_decay = e_G[..., -1, None, :].expand(B, H, n, 2, K).reshape(B, H, n, 2 * K, 1)
+    o, S = _rows_decayed_nograd(q_in, k_back, vc, chunk_decay, S)
+    return from_chunks(o, T), S, phi_end
+
+
+def _wrap(angle: Tensor, out: Tensor | None = None) -> Tensor:
+    """``angle - 2π·round(angle / 2π)``, into ``[-π, π]``: in place, or written to ``out``
+    (e.g. a float32 buffer, the rounding to it fused into the last pass)."""
+    turns = (angle * (1 / (2 * math.pi))).round_()
+    return torch.add(angle, turns, alpha=-2 * math.pi, out=angle if out is None else out)
+
+
+def _cumulative_angle(phase: Tensor, dtype: torch.dtype, chunk: int = 64) -> Tensor:
     """``Φ_t = Σ_{r<=t} phase_r`` along dim 1, reduced to [-π, π], in ``dtype``: summed in
     float64 (fp32 cumulative sums of angles lose absolute precision), then cos and sin may be
     taken in the working dtype (an absolute error of ~1 ulp of π). The float64 temporaries
-    live only here."""
-    angle = phase.cumsum(1, dtype=torch.float64)          # (the widening fused into the sum)
-    # Φ - 2π·round(Φ / 2π): three float64 passes, ~4x cheaper than torch.remainder
+    live only here. The sum runs within blocks of ``chunk`` steps, then over the block totals
+    (a cumulative sum along all of a long dim 1 runs several times slower)."""
+    B, T = phase.shape[:2]
+    x = pad_time(phase, chunk)
+    local = x.view(B, -1, chunk, *x.shape[2:]).cumsum(2, dtype=torch.float64)  # [B, n, C, ..]
+    totals = local[:, :, -1]
+    entering = _reduce(totals.cumsum(1) - totals)                  # Φ before each block
+    return _reduce((local + entering[:, :, None]).flatten(1, 2)[:, :T]).to(dtype)
+
+
+def _reduce(angle: Tensor) -> Tensor:
+    """``angle - 2π·round(angle / 2π)`` (differentiable; ~4x cheaper than torch.remainder)."""
     turns = torch.round(angle * (1 / (2 * math.pi)))
-    return torch.addcmul(angle, turns, angle.new_tensor(-2 * math.pi)).to(dtype)
+    return torch.addcmul(angle, turns, angle.new_tensor(-2 * math.pi))
 
 
 def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=None):
@@ -156,8 +255,9 @@ def _rotate(x: Tensor, cos: Tensor, nsin: Tensor, dtype: torch.dtype, sign: floa
     x = x.to(dtype)
     if needs_grad(x, cos, nsin):
         return torch.cat([x * cos, x * nsin], dim=-1)
-    out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
     K = x.shape[-1]
+    out = x.new_empty(*torch.broadcast_shapes(x.shape, cos.shape)[:-1], 2 * K)  # (q/k heads
+    # shared by value heads broadcast against the angle's)
     torch.mul(x, cos, out=out[..., :K])
     torch.mul(x, nsin, out=out[..., K:])
     return out

@@ -537,9 +537,8 @@ def _chunked_per_key(q, k, v, g, S0, chunk, scale=1.0, strict=False):
         if track:                              # the same products, with a hand-written backward
             o, S = chunked_form(q_in, k_back, vc, chunk_decay, S0, strict)
             return from_chunks(o, T), S
-        o = (q_in @ k_back.mT).tril_(-int(strict)) @ vc   # Σ_{j<=i} (q_i e^{G_i - G_j})·k_j v_j
-        S_prev, S = _pass_states(chunk_decay.flatten(0, 1), (k_back.mT @ vc).flatten(0, 1),
-                                 None if S0 is None else S0.flatten(0, 1), decay_after=True)
+        o, S = _rows_decayed_nograd(q_in, k_back, vc, chunk_decay, S0, strict)
+        return from_chunks(o, T), (S / scale if on_v else S)
     else:
         if base2:                                         # (natural units for the exact path)
             gc = to_chunks(g, chunk)
@@ -557,6 +556,22 @@ def _chunked_per_key(q, k, v, g, S0, chunk, scale=1.0, strict=False):
     o = torch.baddbmm(o.flatten(0, 2), q_in.flatten(0, 2), S_prev.view(B * H * n, K, -1))
     S = S.view(B, H, K, -1)
     return from_chunks(o.view(B, H, n, chunk, -1), T), (S / scale if on_v else S)
+
+
+def _rows_decayed_nograd(q_in: Tensor, k_back: Tensor, vc: Tensor, chunk_decay: Tensor,
+                        S0: Tensor | None, strict: bool = False) -> tuple[Tensor, Tensor]:
+    """The chunked products once the decay rides on the rows, without autograd: ``q_in``
+    (``q_i e^{G_i}``), ``k_back`` (``k_j e^{-G_j}``) ``[B, H, n, C, K]``, ``vc [B, H, n, C, V]``,
+    ``chunk_decay`` ``e^{G_C}`` ``[B, H, n, K, 1]``, ``S0 [B, H, K, V]`` or None ->
+    ``(o [B, H, n, C, V], S [B, H, K, V])``: the intra-chunk scores times v, the writes, the
+    chunk-to-chunk pass (each chunk's decay applied after its writes) and the reads of the
+    entering states, fused into the scores' output. ``strict`` drops the diagonal pairs."""
+    B, H, n, C, K = q_in.shape
+    o = (q_in @ k_back.mT).tril_(-int(strict)) @ vc   # Σ_{j<=i} (q_i e^{G_i - G_j})·k_j v_j
+    S_prev, S = _pass_states(chunk_decay.flatten(0, 1), (k_back.mT @ vc).flatten(0, 1),
+                             None if S0 is None else S0.flatten(0, 1), decay_after=True)
+    o = torch.baddbmm(o.flatten(0, 2), q_in.flatten(0, 2), S_prev.view(B * H * n, K, -1))
+    return o.view(B, H, n, C, -1), S.view(B, H, K, -1)
 
 
 def _intra_scores_per_key(q, k, g, strict=False):
