@@ -20,8 +20,10 @@ from seqdsl import ops
 B, H, K, V = 1, 4, 64, 64
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Best of ``repeats`` timed calls after ``warmup`` untimed ones, in ms."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -32,7 +32,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,16 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 
 
-def bench(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Best of ``repeats`` timed calls after ``warmup`` untimed ones, in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
+bench = cores.timed       # best of the repeats after a warm-up, in ms
 
 
 def fwd_bwd(fn, tensors):
