@@ -44,14 +44,23 @@ def associative_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) 
     return b
 
 
+#: the fewest entries of ``[B, n, *S]`` per level-1 op (one step of every block) that
+#: :func:`blocked_scan` allows while the block length ``C`` (a power of two from 8 to 32) can be
+#: shortened: ``C`` is the longest with ``numel / C`` at least this. Below it an op costs about
+#: its per-call overhead (a window of Mamba's [1536, 16] state over 64 steps: ``C = 32`` made
+#: two blocks, ops of 49k entries; ``C = 16``, 98k entries, ran the mixer 4-6% faster, medians of
+#: 30 interleaved rounds), above it the ``C``-step loop costs more ops than it saves
+LEVEL1_ENTRIES = 2 ** 16
+
+
 def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
                  block: int | None = None, scratch: bool = False,
                  reverse: bool = False) -> Tensor:
     """All prefixes of ``h_t = a_t h_{t-1} + b_t`` along dim 1, in two levels.
 
-    Time is cut into ``n`` blocks of ``C`` steps (default: the power of two, from 8 to 32, that
-    makes each level-1 op about 2^16 entries: measured fastest from 2^19 to 2^21 entries in all,
-    per-op overhead below, cache-set conflicts of power-of-two strides above). Level 1 runs the
+    Time is cut into ``n`` blocks of ``C`` steps (default: the longest power of two, from 8 to
+    32, that leaves each level-1 op :data:`LEVEL1_ENTRIES` entries or more: per-op overhead
+    below, cache-set conflicts of power-of-two strides above). Level 1 runs the
     recurrence inside every block at once (C sequential steps over ``[B, n, *S]``) and takes the
     running product of ``a`` inside each block (without autograd: a loop of multiplies into a
     preallocated buffer, see :func:`_blocked_scan_inplace`); level 2 finds the state
@@ -69,7 +78,7 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
     if reverse and track:
         return blocked_scan(a.flip(1), b.flip(1), initial_state, block).flip(1)
     B, T = b.shape[:2]
-    C = block or min(32, max(8, 2 ** round(math.log2(max(1, b.numel() / 2 ** 16)))))
+    C = block or min(32, max(8, 2 ** int(math.log2(max(1, b.numel() / LEVEL1_ENTRIES)))))
     n = -(-T // C)
     pad = n * C - T
     if pad:  # padded steps keep the state: a = 1, b = 0
