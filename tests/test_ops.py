@@ -1022,15 +1022,19 @@ def test_banded_sliding_window_over_many_groups(monkeypatch, window):
 
 @pytest.mark.parametrize("loss", ["output and state", "output", "state"])
 @pytest.mark.parametrize("decay", ["materialised", "broadcast over K", "factored"])
-def test_state_decay_over_many_windows(monkeypatch, decay, loss):
+@pytest.mark.parametrize("window", [8, 64])
+def test_state_decay_over_many_windows(monkeypatch, window, decay, loss):
     """[K, V] decays scan window by window (each a two-level blocked scan from the state entering
-    it, with a hand-written backward): with the smallest windows (8 steps), T = 150 crosses 19
-    windows, the last one partial. Output, final state and the gradients of q, k, v, the decay
-    and the initial state against the float64 loop, for losses that read the output, the final
-    state or both (the backward then starts from no output or no state gradient)."""
-    monkeypatch.setattr(importlib.import_module("seqdsl.ops.linear"), "WINDOW_ELEMENTS", 1)
-    g = torch.Generator().manual_seed(9)
+    it, with a hand-written backward): with windows of 8 steps (the smallest: one block each),
+    T = 150 crosses 19 windows, the last one partial; with 64 (eight blocks of 8 steps each),
+    3. Output, final state (with
+    and without autograd) and the gradients of q, k, v, the decay and the initial state against
+    the float64 loop, for losses that read the output, the final state or both (the backward
+    then starts from no output or no state gradient)."""
     B, T, H, K, V = 2, 150, 2, 4, 6
+    monkeypatch.setattr(importlib.import_module("seqdsl.ops.linear"), "WINDOW_ELEMENTS",
+                        1 if window == 8 else window * B * H * K * V)
+    g = torch.Generator().manual_seed(9)
     q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
     v = torch.randn(B, T, H, V, generator=g)
     S0 = torch.randn(B, H, K, V, generator=g)
@@ -1055,6 +1059,10 @@ def test_state_decay_over_many_windows(monkeypatch, decay, loss):
                                     initial_state=S0.double(), output_final_state=True)
     assert_close(o, o_gold, FP32, "windowed [K, V] decay output")
     assert_close(S, S_gold, FP32, "windowed [K, V] decay final state")
+    with torch.no_grad():
+        o_, S_ = ops.linear(q, k, v, **args, initial_state=S0, output_final_state=True)
+    assert_close(o_, o_gold, FP32, "windowed [K, V] decay output without autograd")
+    assert_close(S_, S_gold, FP32, "windowed [K, V] decay final state without autograd")
     w = torch.randn(o.shape, generator=g)
 
     def objective(o, S):
