@@ -936,6 +936,35 @@ def test_complex_inference_form_over_segments(monkeypatch, qk_heads, dtype):
         assert_close(S, generic[1], tol, "inference form vs the generic lowering: final state")
 
 
+@pytest.mark.parametrize("gate", ["gate", "strong gate", "no gate"])
+@pytest.mark.parametrize("steps, chunk", [(2, 8), (3, 12)])
+def test_interleaved_reads_over_segments(monkeypatch, steps, chunk, gate):
+    """Without autograd, ``delta_interleave`` computes the queries' products on each token's last
+    sub-step alone (``rows``): with one chunk per segment and T = 45 tokens (segments of
+    ``chunk / steps`` tokens, the last partial), a gate of usual strength, one whose chunk sums
+    leave the factor limit in some segments (the decay-matrix path, every row, then the read
+    ones), or none: output and final state against the generic lowering (every sub-step through
+    ``delta``) and the float64 loop."""
+    chunking = importlib.import_module("seqdsl.ops._chunking")
+    monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
+    monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 1)
+    x, h0, options = make_product(45, 31, steps)
+    if gate == "no gate":
+        x["log_decay"] = None
+    elif gate == "strong gate":
+        x["log_decay"][:, 20:30] = -9.0
+    o, S = ops.delta_interleave(**x, **options, initial_state=h0, output_final_state=True,
+                                chunk_size=chunk)
+    generic = ops.delta_interleave(**x, **options, initial_state=h0, output_final_state=True,
+                                   inner=functools.partial(ops.delta, chunk_size=chunk))
+    o_gold, S_gold = _product_ref(**_cast(x), **options, initial_state=_widen(h0),
+                                  output_final_state=True)
+    assert_close(o, generic[0], FP32, "read rows vs the generic lowering")
+    assert_close(S, generic[1], FP32, "read rows vs the generic lowering: final state")
+    assert_close(o, o_gold, FP32, "read rows vs float64 loop")
+    assert_close(S, S_gold, FP32, "read rows vs float64 loop: final state")
+
+
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["no cap", "cap"])
 @pytest.mark.parametrize("window", [None, 45, 70], ids=["causal", "window = T", "window > T"])
 def test_block_attention_gradients(window, softcap):

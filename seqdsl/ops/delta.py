@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
-                        from_chunks, needs_grad, output_dtype, over_segments,
+                        from_chunks, needs_grad, output_dtype, over_segments, segment_length,
                         strict_last_step_apart, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
@@ -110,7 +110,7 @@ def _with_own_writes(q, k, v, beta, g, S0, chunk, scale):
     return o, S
 
 
-def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
+def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1):
     """WY/UT chunked form. Inside a chunk write the update as ``S_t = e^{g_t} S_{t-1} + k_t u_tᵀ``
     with ``u_t = β_t (v_t - e^{g_t} S_{t-1}ᵀ k_t)``. Unrolling from the state ``S_prev`` entering
     the chunk (``G_i`` = log decay accumulated from the chunk start through i):
@@ -126,9 +126,11 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
     that pass is an affine map ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a
     loop over chunks (:func:`_pass_and_read`). ``strict`` (under autograd, for
     :func:`_with_own_writes`) leaves each step's own write ``scale β_i (q_i·k_i) v_i`` out of
-    its output.
+    its output. ``rows`` > 1 (without autograd, for :func:`delta_interleave`): ``q`` holds only
+    every ``rows``-th step's query (the last of each group of ``rows``; the others are zero and
+    read nothing), ``[B, T / rows, H, K]``, and the output only those steps.
     """
-    B, T, H, K = q.shape
+    B, T, H, K = k.shape
     V = v.shape[-1]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
     track = needs_grad(q, k, v, beta, g, S0)
@@ -136,7 +138,11 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
     G = Gd.to(q.dtype)
     factors = decay_factors(Gd, q.dtype)
     if factors is not None:
-        return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict)
+        return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict, rows)
+    if rows > 1:                                     # every step's row, then the ones read
+        q = torch.stack([*(torch.zeros_like(q),) * (rows - 1), q], dim=2).flatten(1, 2)
+        o, S = _delta_chunked(q, k, v, beta, g, S0, chunk, scale, strict)
+        return o[:, rows - 1::rows], S
 
     qc, kc, vc = to_chunks(q, chunk) * scale, to_chunks(k, chunk), to_chunks(v, chunk)
     _, decay = decay_matrix(gc, q.dtype)             # e^{G_i - G_j} for j <= i, 1 above
@@ -159,13 +165,15 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False):
     return _pass_and_read(transition, inject, read, local, S0, T)
 
 
-def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=False):
+def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=False, rows=1):
     """:func:`_delta_chunked` with the decay on the rows (``e^{G_i - G_j} = e^{G_i} e^{-G_j}``,
     see :func:`decay_factors`): no ``[C, C]`` decay pass, and the chunk-end decay ``e^{G_C}``
     (a scalar per chunk) leaves the transition as ``S_next = e^{G_C} (S + k̃ᵀ (U - W S))`` with
     ``k̃ = k e^{-G}``. Without autograd q, k, β v and β e^G k are written straight from the input
-    layout into their chunked buffers, scaled on the way (no separate transpose copies)."""
-    B, T, H, K = q.shape
+    layout into their chunked buffers, scaled on the way (no separate transpose copies). With
+    ``rows`` > 1 (see :func:`_delta_chunked`) the queries' products (the scores, their products
+    with ``[U | W]`` and the reads of the entering states) run on the ``C / rows`` rows read."""
+    B, T, H, K = k.shape
     V = v.shape[-1]
     e_G, e_negG = (f[..., None] for f in factors)                      # [B, H, n, C, 1]
     n = e_G.shape[2]
@@ -182,8 +190,12 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=Fal
         rhs = q.new_empty(B, H, n, chunk, V + K)
         to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
         kb = to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
-        q_in = to_chunks_scaled(q, chunk, e_G * scale)
-        P = (q_in @ k_back.mT).tril_()
+        if rows == 1:
+            q_in = to_chunks_scaled(q, chunk, e_G * scale)
+            P = (q_in @ k_back.mT).tril_()
+        else:                                        # the read rows r·i + r - 1 of each chunk
+            q_in = to_chunks_scaled(q, chunk // rows, e_G[..., rows - 1::rows, :] * scale)
+            P = (q_in @ k_back.mT).mul_(_read_rows_mask(chunk, rows, q_in.dtype))
         A = kb @ k_back.mT
     UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
 
@@ -200,7 +212,14 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=Fal
     else:
         M = kW.neg_()
         M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., 0])
-    return _pass_and_read(M, N, read, local, S0, T)
+    return _pass_and_read(M, N, read, local, S0, T // rows)
+
+
+def _read_rows_mask(chunk: int, rows: int, dtype: torch.dtype) -> Tensor:
+    """``[C / rows, C]`` causal mask of the read rows: row i (step ``rows·i + rows - 1`` of the
+    chunk) scores the steps up to its own."""
+    steps = torch.arange(chunk)
+    return (steps[None, :] <= rows * torch.arange(chunk // rows)[:, None] + rows - 1).to(dtype)
 
 
 def _scores_times(P: Tensor, A: Tensor, UW: Tensor, V: int, strict: bool):
@@ -328,6 +347,8 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
         Other arguments as in :func:`delta` (``cu_seqlens`` counts tokens, not sub-steps).
     Lowering: the sub-steps become consecutive rows of a ``T·steps`` sequence; the gate sits on
     the first sub-step of each token, q is zero except on the last, whose output is returned.
+    Without autograd (and with ``chunk_size`` a multiple of ``steps``) the chunked form computes
+    the queries' products on those last rows alone (:func:`_delta_chunked`'s ``rows``).
     """
     B, T, n, H, K = k.shape
     if steps is not None and steps != n:
@@ -337,12 +358,16 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     k_seq = k.reshape(B, T * n, H, K)
     v_seq = v.reshape(B, T * n, H, V)
     beta_seq = beta.reshape(B, T * n, H)
-    q_seq = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2)
-    q_seq = q_seq.reshape(B, T * n, H, K)
     g_seq = None
     if log_decay is not None:
         g_seq = torch.cat([log_decay[:, :, None], log_decay.new_zeros(B, T, n - 1, H)], dim=2)
         g_seq = g_seq.reshape(B, T * n, H)
+    if (inner is None and not reference and cu_seqlens is None and chunk_size % n == 0
+            and not needs_grad(q, k, v, beta, log_decay, initial_state)):
+        return _interleaved_reads(q, k_seq, v_seq, beta_seq, g_seq, n, scale, initial_state,
+                                  output_final_state, chunk_size)
+    q_seq = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2)
+    q_seq = q_seq.reshape(B, T * n, H, K)
     core, extra = inner, {}
     if core is None:
         core = delta_ref if reference else delta
@@ -351,3 +376,22 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
                 initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=None if cu_seqlens is None else cu_seqlens * n, **extra)
     return o.reshape(B, T, n, H, V)[:, :, -1], S    # read after the last sub-step
+
+
+def _interleaved_reads(q, k, v, beta, g, steps, scale, initial_state, output_final_state, chunk):
+    """:func:`delta_interleave` without autograd: the chunked form over the ``T·steps`` rows
+    ``k, v, beta, g`` (g None: no gate), reading q ``[B, T, H, K]`` on every ``steps``-th row
+    only, in time segments of whole chunks (:func:`segment_length`) carrying the state."""
+    B, T, H, K = q.shape
+    q, k, v, beta, g, S, out_dtype, scale = _prepare(q, k, v, beta, g, initial_state,
+                                                     default_scale(scale, K))
+    if g.shape[1] != k.shape[1]:                     # (_prepare's zero gate follows q: T rows)
+        g = g.new_zeros(k.shape[:3])
+    length = segment_length(chunk, B * H)            # rows per segment (whole chunks)
+    outs = []
+    for q_, k_, v_, b_, g_ in zip(q.split(length // steps, dim=1),
+                                  *(x.split(length, dim=1) for x in (k, v, beta, g))):
+        o, S = _delta_chunked(q_, k_, v_, b_, g_, S, chunk, scale, rows=steps)
+        outs.append(o)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o.to(out_dtype), (S if output_final_state else None)
