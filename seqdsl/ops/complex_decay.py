@@ -105,18 +105,19 @@ def _chunked_nograd(q, k, v, log_magnitude, phase, initial_state, chunk, scale, 
     ``[log_magnitude, log_magnitude]``, with every ``[B, T, H, K]`` pass that the generic
     lowering makes twice (or in another layout) made once:
 
-    * the angle ``Φ`` is summed chunk by chunk in float64 (a cumulative sum along a chunk of
-      64 steps, then one over the chunk totals: several times faster than one along all of T,
-      and as exact) and reduced to ``[-π, π]`` there, in the chunk layout, where
-      ``cos Φ`` and ``-sin Φ`` are written side by side (``[.., C, 2, K]``);
+    * the angle ``Φ`` is summed chunk by chunk in float64 (a cumulative sum along each chunk,
+      then one over the chunk totals: several times faster than one along all of T, and as
+      exact), reduced to ``[-π, π]`` and cast in one pass, and ``cos Φ``, ``-sin Φ`` are
+      taken in the chunk layout;
     * the magnitude's decay factors ``e^{±G}`` are formed on K keys, not on the 2K of the
-      duplicated log decay, and ride on the rotation's factors, so that ``q_in`` and
-      ``k_back`` of the real form are each one product with q or k.
+      duplicated log decay; ``q_in`` (``k_back``) of the real form is ``q e^{G}``
+      (``k e^{-G}``) written once into the chunk layout, then its two halves, times
+      ``cos Φ`` and ``-sin Φ``, into one ``[.., C, 2K]`` buffer.
 
     q, k real ``[B, T, H|Hq, K]``, v ``[B, T, H, V]``, log_magnitude and phase ``[B, T, H, K]``
     (all in the compute dtype), initial_state complex ``[B, H, K, V]`` or None. Time runs in
-    segments of whole chunks (:func:`over_segments`' length) carrying the real state and the
-    angle at the segment's end. A segment whose accumulated log magnitude leaves the factor
+    segments of whole chunks (:func:`segment_length`) carrying the real state and the angle at
+    the segment's end. A segment whose accumulated log magnitude leaves the factor
     limit runs the generic exact per-key form on its rotated operands.
     Returns ``(o [B, T, H, V], complex S_T [B, H, K, V])``."""
     q, k, v = _expand_heads(q, k, v)
