@@ -442,6 +442,31 @@ def test_fast_forms_leave_their_inputs_unchanged(name, dtype, heads):
     assert h0 is None or torch.equal(h0, h0_before), f"{name}: initial state modified"
 
 
+@pytest.mark.parametrize("C, block", [(32, 8), (12, 8)], ids=["blocked", "solve_triangular"])
+def test_unit_lower_solve_and_its_backward(C, block):
+    """``delta``'s triangular solve ``(I + A)⁻¹ R`` (only A's strictly lower part read) and its
+    transposed solve against ``torch.linalg.solve_triangular``, blocked (four diagonal blocks)
+    or not; the hand-written backward (blocked backward substitution with the forward's
+    diagonal-block inverses) and the double backward (the flipped system) against finite
+    differences, float64."""
+    delta_mod = importlib.import_module("seqdsl.ops.delta")
+    g = _gen(41)
+    A = 0.3 * torch.randn(2, C, C, generator=g, dtype=torch.float64)   # upper part: noise
+    R = torch.randn(2, C, 3, generator=g, dtype=torch.float64)
+    unit = torch.eye(C, dtype=torch.float64) + A.tril(-1)
+    expected = torch.linalg.solve_triangular(unit, R, upper=False)
+    expected_t = torch.linalg.solve_triangular(unit.mT, R, upper=True)
+    assert_close(delta_mod._solve_forward(A, R, block), expected, FP64, "forward solve")
+    assert_close(delta_mod._solve_transposed(A, R, block), expected_t, FP64, "transposed solve")
+    leaves = (A.clone().requires_grad_(), R.clone().requires_grad_())
+
+    def f(a, r):
+        return delta_mod._UnitLowerSolve.apply(a, r, block)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 @pytest.mark.parametrize("strict, with_state", [(False, True), (True, True), (False, False)])
 def test_chunked_form_backward_gradcheck(decay, strict, with_state):
