@@ -284,5 +284,6 @@ def checkpointed(fn: Callable, *args):
 __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time", "to_chunks",
            "to_chunks_scaled", "from_chunks", "segsum", "decay_matrix", "decay_factors",
            "centred_decay_factors", "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast",
-           "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "segment_length", "over_segments", "strict_last_step_apart",
-           "cumsum_to_end", "sub_chunk_size", "checkpointed", "needs_grad"]
+           "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "segment_length", "over_segments",
+           "strict_last_step_apart", "cumsum_to_end", "sub_chunk_size", "checkpointed",
+           "needs_grad"]

@@ -177,10 +177,11 @@ def _segment_nograd(q, k, v, g, phase, S, phi, chunk, scale):
 
 
 def _wrap(angle: Tensor, out: Tensor | None = None) -> Tensor:
-    """``angle - 2π·round(angle / 2π)``, into ``[-π, π]``: in place, or written to ``out``
-    (e.g. a float32 buffer, the rounding to it fused into the last pass)."""
+    """``angle - 2π·round(angle / 2π)``, into ``[-π, π]`` (~4x cheaper than torch.remainder;
+    differentiable), or written to ``out`` without autograd (e.g. a float32 buffer: the
+    rounding to it fused into the last pass)."""
     turns = (angle * (1 / (2 * math.pi))).round_()
-    return torch.add(angle, turns, alpha=-2 * math.pi, out=angle if out is None else out)
+    return torch.add(angle, turns, alpha=-2 * math.pi, out=out)
 
 
 def _cumulative_angle(phase: Tensor, dtype: torch.dtype, chunk: int = 64) -> Tensor:
@@ -193,14 +194,8 @@ def _cumulative_angle(phase: Tensor, dtype: torch.dtype, chunk: int = 64) -> Ten
     x = pad_time(phase, chunk)
     local = x.view(B, -1, chunk, *x.shape[2:]).cumsum(2, dtype=torch.float64)  # [B, n, C, ..]
     totals = local[:, :, -1]
-    entering = _reduce(totals.cumsum(1) - totals)                  # Φ before each block
-    return _reduce((local + entering[:, :, None]).flatten(1, 2)[:, :T]).to(dtype)
-
-
-def _reduce(angle: Tensor) -> Tensor:
-    """``angle - 2π·round(angle / 2π)`` (differentiable; ~4x cheaper than torch.remainder)."""
-    turns = torch.round(angle * (1 / (2 * math.pi)))
-    return torch.addcmul(angle, turns, angle.new_tensor(-2 * math.pi))
+    entering = _wrap(totals.cumsum(1) - totals)                    # Φ before each block
+    return _wrap((local + entering[:, :, None]).flatten(1, 2)[:, :T]).to(dtype)
 
 
 def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=None):
@@ -257,8 +252,8 @@ def _rotate(x: Tensor, cos: Tensor, nsin: Tensor, dtype: torch.dtype, sign: floa
     if needs_grad(x, cos, nsin):
         return torch.cat([x * cos, x * nsin], dim=-1)
     K = x.shape[-1]
-    out = x.new_empty(*torch.broadcast_shapes(x.shape, cos.shape)[:-1], 2 * K)  # (q/k heads
-    # shared by value heads broadcast against the angle's)
+    # (broadcast: q/k heads shared by value heads meet the angle's per-value-head rows)
+    out = x.new_empty(*torch.broadcast_shapes(x.shape, cos.shape)[:-1], 2 * K)
     torch.mul(x, cos, out=out[..., :K])
     torch.mul(x, nsin, out=out[..., K:])
     return out

@@ -423,10 +423,10 @@ def _interleaved_reads(q, k, v, beta, g, steps, scale, initial_state, output_fin
     ``k, v, beta, g`` (g None: no gate), reading q ``[B, T, H, K]`` on every ``steps``-th row
     only, in time segments of whole chunks (:func:`segment_length`) carrying the state."""
     B, T, H, K = q.shape
+    if g is None:                                    # (_prepare's own zero gate follows q)
+        g = beta.new_zeros(k.shape[:3])
     q, k, v, beta, g, S, out_dtype, scale = _prepare(q, k, v, beta, g, initial_state,
                                                      default_scale(scale, K))
-    if g.shape[1] != k.shape[1]:                     # (_prepare's zero gate follows q: T rows)
-        g = g.new_zeros(k.shape[:3])
     length = segment_length(chunk, B * H)            # rows per segment (whole chunks)
     outs = []
     for q_, k_, v_, b_, g_ in zip(q.split(length // steps, dim=1),

@@ -389,7 +389,7 @@ class _ChunkedForm(torch.autograd.Function):
         else:
             torch.mul(X[:, :-1], d[:, :-1], out=S_prev[:, 1:])
             S = X[:, -1] * d[:, -1]
-        o = P @ v                          # (a fresh tensor, not a view: the caller may add in place)
+        o = P @ v                  # (a fresh tensor, not a view: the caller may add in place)
         o.view(N * n, C, V).baddbmm_(q.flatten(0, 1), S_prev.flatten(0, 1))
         ctx.save_for_backward(q, k, v, d, S0, P, S_prev, X)
         ctx.strict = strict
