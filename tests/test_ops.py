@@ -467,6 +467,36 @@ def test_unit_lower_solve_and_its_backward(C, block):
     assert torch.autograd.gradgradcheck(f, leaves)
 
 
+@pytest.mark.parametrize("C, block", [(8, 4), (4, 16)], ids=["blocked", "solve_triangular"])
+@pytest.mark.parametrize("strict, with_state", [(False, True), (True, True), (False, False)])
+def test_delta_core_backward_gradcheck(monkeypatch, C, block, strict, with_state):
+    """The hand-written backward of `delta`'s chunk core (``_DeltaCore``: the solve, the
+    scores' products, the chunk-to-chunk pass and the reads) against finite differences in
+    float64, output by output, strict or not, with and without an initial state, with the
+    blocked solve (two diagonal blocks) and without; and its double backward (the forward
+    recomposed with autograd)."""
+    delta_mod = importlib.import_module("seqdsl.ops.delta")
+    monkeypatch.setattr(delta_mod, "SOLVE_BLOCK", block)
+    N, n, K, V = 1, 3, 3, 2
+    q_in, k_out = (_randn(N, n, C, K, seed=s).double() for s in (1, 2))
+    P, A = (0.5 * _randn(N, n, C, C, seed=s).double() for s in (3, 4))   # upper parts: noise
+    rhs = _randn(N, n, C, V + K, seed=5).double()
+    gamma = torch.rand(N, n, 1, 1, generator=_gen(6)).double()
+    S0 = _randn(N, K, V, seed=7).double() if with_state else None
+    xs = [x.requires_grad_() if x is not None else None
+          for x in (q_in, P, A, rhs, k_out, gamma, S0)]
+    leaves = [x for x in xs if x is not None]
+
+    def f(*ls):
+        it = iter(ls)
+        args = [None if x is None else next(it) for x in xs]
+        args[1] = args[1].tril()                     # causal scores (A: only read below)
+        return delta_mod._DeltaCore.apply(*args, strict)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 @pytest.mark.parametrize("strict, with_state", [(False, True), (True, True), (False, False)])
 def test_chunked_form_backward_gradcheck(decay, strict, with_state):

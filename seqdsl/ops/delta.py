@@ -105,7 +105,7 @@ def _with_own_writes(q, k, v, beta, g, S0, chunk, scale):
     kS = torch.einsum("bhk,bhkv->bhv", k_T, S)                      # S'ᵀ k_T: [B, H, V]
     S = S + (b_T * k_T)[..., None] * (v_T - kS)[:, :, None]
     own = (scale * beta * (q * k).sum(-1))[..., None]               # [B, T, H, 1]
-    o = o.addcmul_(own, v)                   # + scale β_t (q_t·k_t) v_t, in place on the output
+    o = o.addcmul(own, v)                    # + scale β_t (q_t·k_t) v_t (o: a view of _DeltaCore's)
     o[:, -1].addcmul_(own[:, -1], kS, value=-1)                     # the last erase
     return o, S
 
@@ -120,18 +120,16 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1)
         o = (q ⊙ e^G) S_prev + (q kᵀ ⊙ e^{G_i - G_j})_{j<=i} u
         S_next = e^{G_C} S_prev + (k ⊙ e^{G_C - G})ᵀ u
 
+    This function forms the decayed operands (``q ⊙ e^G``, the scores ``P``, the system ``A``,
+    ``[β v | β e^G k]``, ``k ⊙ e^{G_C - G}`` and ``e^{G_C}``); :func:`_core` does the rest.
     When every ``|G| <= FACTOR_LIMIT`` the decay rides on the rows (:func:`_delta_factored`);
-    otherwise ``e^{G_i - G_j}`` comes from :func:`decay_matrix`. The unit-triangular solve is
-    :func:`_unit_lower_solve`. Everything but the chunk-to-chunk pass is batched over chunks;
-    that pass is an affine map ``S_next = M S_prev + N`` with a dense ``[K, K]`` M, applied in a
-    loop over chunks (:func:`_pass_and_read`). ``strict`` (under autograd, for
-    :func:`_with_own_writes`) leaves each step's own write ``scale β_i (q_i·k_i) v_i`` out of
-    its output. ``rows`` > 1 (without autograd, for :func:`delta_interleave`): ``q`` holds only
-    every ``rows``-th step's query (the last of each group of ``rows``; the others are zero and
-    read nothing), ``[B, T / rows, H, K]``, and the output only those steps.
+    otherwise ``e^{G_i - G_j}`` comes from :func:`decay_matrix`. ``strict`` (under autograd,
+    for :func:`_with_own_writes`) leaves each step's own write ``scale β_i (q_i·k_i) v_i`` out
+    of its output. ``rows`` > 1 (without autograd, for :func:`delta_interleave`): ``q`` holds
+    only every ``rows``-th step's query (the last of each group of ``rows``; the others are
+    zero and read nothing), ``[B, T / rows, H, K]``, and the output only those steps.
     """
     B, T, H, K = k.shape
-    V = v.shape[-1]
     bc, gc = to_chunks(beta, chunk), to_chunks(g, chunk)                        # [B, H, n, C]
     track = needs_grad(q, k, v, beta, g, S0)
     Gd = gc.to(torch.float64).cumsum(-1)             # [B, H, n, C] log decay from the chunk start
@@ -153,38 +151,35 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1)
     P = (qc @ kc.mT).tril_()
     P = P.mul_(decay) if not track else P * decay
     rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
-    UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k]
-
-    local, PW = _scores_times(P, A, UW, V, strict)
-    read = q_in - PW if track else q_in.sub_(PW)    # o = read @ S_prev + P U
     k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
-    inject, kW = (k_out.mT @ UW).split([V, K], dim=-1)                   # [B, H, n, K, V|K]
-    transition = -kW                                 # e^{G_C} I - k_outᵀ W: [B, H, n, K, K]
-    transition.diagonal(dim1=-2, dim2=-1).add_(torch.exp(G[..., -1:]))
-
-    return _pass_and_read(transition, inject, read, local, S0, T)
+    o, S = _core(q_in, P, A, rhs, k_out, torch.exp(G[..., -1:])[..., None], S0, strict)
+    return from_chunks(o, T), S
 
 
 def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=False, rows=1):
     """:func:`_delta_chunked` with the decay on the rows (``e^{G_i - G_j} = e^{G_i} e^{-G_j}``,
-    see :func:`decay_factors`): no ``[C, C]`` decay pass, and the chunk-end decay ``e^{G_C}``
-    (a scalar per chunk) leaves the transition as ``S_next = e^{G_C} (S + k̃ᵀ (U - W S))`` with
-    ``k̃ = k e^{-G}``. Without autograd q, k, β v and β e^G k are written straight from the input
-    layout into their chunked buffers, scaled on the way (no separate transpose copies). With
-    ``rows`` > 1 (see :func:`_delta_chunked`) the queries' products (the scores, their products
-    with ``[U | W]`` and the reads of the entering states) run on the ``C / rows`` rows read."""
+    see :func:`decay_factors`): no ``[C, C]`` decay pass, and the keys decayed to the chunk end
+    are ``k̃ e^{G_C}`` with ``k̃ = k e^{-G}``. Without autograd q, k, β v and β e^G k are written
+    straight from the input layout into their chunked buffers, scaled on the way (no separate
+    transpose copies). With ``rows`` > 1 (see :func:`_delta_chunked`) the queries' products
+    (the scores, their products with ``[U | W]`` and the reads of the entering states) run on
+    the ``C / rows`` rows read."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     e_G, e_negG = (f[..., None] for f in factors)                      # [B, H, n, C, 1]
     n = e_G.shape[2]
-    k_back = to_chunks_scaled(k, chunk, e_negG)      # k_j e^{-G_j}
     beta = bc[..., None]
+    chunk_decay = torch.exp(G[..., -1])[..., None, None]                 # [B, H, n, 1, 1]
     if track:
-        q_in = to_chunks_scaled(q, chunk, e_G * scale)   # reads the state entering the chunk
-        rhs = torch.cat([to_chunks(v, chunk) * beta, to_chunks(k, chunk) * (beta * e_G)], dim=-1)
+        kc = to_chunks(k, chunk)
+        k_back = kc * e_negG                         # k_j e^{-G_j}
+        q_in = to_chunks(q, chunk) * (e_G * scale)   # reads the state entering the chunk
+        rhs = torch.cat([to_chunks(v, chunk) * beta, kc * (beta * e_G)], dim=-1)
         A = rhs[..., V:] @ k_back.mT                 # β_i e^{G_i - G_j} k_i·k_j (read for j < i)
         P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
+        k_out = k_back * chunk_decay
     else:
+        k_back = to_chunks_scaled(k, chunk, e_negG)
         # [β v | β e^G k] written straight into one buffer; the triangular system A reads its
         # β e^G k half in place (a strided matrix: no copy)
         rhs = q.new_empty(B, H, n, chunk, V + K)
@@ -197,22 +192,9 @@ def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=Fal
             q_in = to_chunks_scaled(q, chunk // rows, e_G[..., rows - 1::rows, :] * scale)
             P = (q_in @ k_back.mT).mul_(_read_rows_mask(chunk, rows, q_in.dtype))
         A = kb @ k_back.mT
-    UW = _unit_lower_solve(A, rhs)                   # (I + A)⁻¹ [β v | β e^G k] = [U | W]
-
-    local, PW = _scores_times(P, A, UW, V, strict)
-    read = q_in - PW if track else q_in.sub_(PW)    # o = read @ S_prev + P U
-    # S_next = e^{G_C} (S + k̃ᵀ U - k̃ᵀ W S) = M S + N with N = e^{G_C} k̃ᵀ U and
-    # M = e^{G_C} (I - k̃ᵀ W): one fused multiply-add per chunk in the sequential pass
-    chunk_decay = torch.exp(G[..., -1])[..., None, None]                 # [B, H, n, 1, 1]
-    NM = k_back.mT @ UW                                                   # [B, H, n, K, V|K]
-    NM = NM.mul_(chunk_decay) if not track else NM * chunk_decay
-    N, kW = NM.split([V, K], dim=-1)
-    if track:
-        M = torch.diag_embed(chunk_decay[..., 0].expand(B, H, n, K)) - kW
-    else:
-        M = kW.neg_()
-        M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., 0])
-    return _pass_and_read(M, N, read, local, S0, T // rows)
+        k_out = k_back.mul_(chunk_decay)
+    o, S = _core(q_in, P, A, rhs, k_out, chunk_decay, S0, strict)
+    return from_chunks(o, T // rows), S
 
 
 def _read_rows_mask(chunk: int, rows: int, dtype: torch.dtype) -> Tensor:
@@ -229,29 +211,153 @@ def _scores_times(P: Tensor, A: Tensor, UW: Tensor, V: int, strict: bool):
     if not strict:
         return (P @ UW).split([V, UW.shape[-1] - V], dim=-1)     # P U [.., C, V], P W [.., C, K]
     U, W = UW.split([V, UW.shape[-1] - V], dim=-1)
-    own = P.diagonal(dim1=-2, dim2=-1)[..., None]
-    return torch.addcmul(P.tril(-1), own, A.tril(-1), value=-1) @ U, P @ W
+    return _strict_scores(P, A) @ U, P @ W
 
 
-def _pass_and_read(M: Tensor, N: Tensor, read: Tensor, local: Tensor, S0: Tensor | None,
-                   T: int):
-    """The chunk-to-chunk pass ``S_c = M_c S_{c-1} + N_c`` (one fused multiply-add per chunk,
-    ``M [B, H, n, K, K]``, ``N [B, H, n, K, V]``) and every chunk's output
-    ``o = read @ S_prev + local`` (``read [B, H, n, C, K]``, ``local [B, H, n, C, V]``).
-    Returns ``(o [B, T, H, V], final state [B, H, K, V])``."""
-    B, H, n, K, V = N.shape
-    M, N = M.flatten(0, 1), N.flatten(0, 1)                               # [B·H, n, K, K|V]
-    S = N.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
+def _strict_scores(P: Tensor, A: Tensor) -> Tensor:
+    """``tril(P, -1) - P_ii tril(A, -1)``: the scores that weigh ``U`` in a strict output."""
+    return torch.addcmul(P.tril(-1), P.diagonal(dim1=-2, dim2=-1)[..., None], A.tril(-1),
+                         value=-1)
+
+
+#: rows of the diagonal blocks of the blocked unit-triangular solve
+SOLVE_BLOCK = 16
+
+
+def _core(q_in, P, A, rhs, k_out, gamma, S0, strict):
+    """Everything of the chunked form after its decayed operands, over ``[B, H, n, ...]``
+    chunks: ``q_in [.., R, K]`` (queries with their decay from the chunk start and the scale),
+    the causal scores ``P [.., R, C]``, the system ``A [.., C, C]`` (strictly lower part read),
+    ``rhs = [β v | β e^G k] [.., C, V + K]``, the keys decayed to the chunk end
+    ``k_out [.., C, K]``, the chunk's decay ``gamma [.., 1, 1]``, ``S0 [B, H, K, V]`` or None.
+    Under autograd through :class:`_DeltaCore` (hand-written backward), otherwise
+    :func:`_core_forward` in place on its own buffers. Returns ``(o [B, H, n, R, V],
+    S [B, H, K, V])``."""
+    B, H = k_out.shape[:2]
+    flat = [None if x is None else x.flatten(0, 1) for x in (q_in, P, A, rhs, k_out, gamma, S0)]
+    if needs_grad(*flat):
+        o, S = _DeltaCore.apply(*flat, strict)
+    else:
+        o, S, _ = _core_forward(*flat, strict, consume=True)
+    return o.view(B, H, *o.shape[1:]), S.view(B, H, *S.shape[1:])
+
+
+def _core_forward(q_in, P, A, rhs, k_out, gamma, S0, strict, track=False, consume=False):
+    """:func:`_core` on ``[N, n, ...]`` chunks (N = batch × heads): the solve
+    ``[U | W] = (I + A)⁻¹ rhs``, the outputs ``o = read S_prev + P U`` with
+    ``read = q_in - P W``, the transitions ``S_next = M S_prev + N`` with
+    ``[N | -kW] = k_outᵀ [U | -W]`` and ``M = e^{G_C} I - kW`` (one fused multiply-add per
+    chunk in the sequential pass, the only loop over chunks). ``track``: differentiable ops
+    only (the double backward of :class:`_DeltaCore`); ``consume``: ``q_in`` may be
+    overwritten. Returns ``(o, S, (UW, X, read, M, S_prev))`` with ``X`` the solve's
+    diagonal-block inverses and ``S_prev [N, n, K, V]`` the states entering the chunks."""
+    N, n, C, K = k_out.shape
+    V = rhs.shape[-1] - K
+    X = None
+    if track:
+        UW = _unit_lower_solve(A, rhs)
+    else:
+        X = _diag_inverses(A, SOLVE_BLOCK)
+        UW = _solve_forward(A, rhs, SOLVE_BLOCK, X)
+    local, PW = _scores_times(P, A, UW, V, strict)
+    read = q_in.sub_(PW) if consume else q_in - PW                      # o = read S_prev + P U
+    inject, kW = (k_out.mT @ UW).split([V, K], dim=-1)                  # [N, n, K, V|K]
+    if track:
+        M = torch.diag_embed(gamma[..., 0].expand(N, n, K)) - kW
+    else:
+        M = kW.neg_()
+        M.diagonal(dim1=-2, dim2=-1).add_(gamma[..., 0])
+    S = inject.new_zeros(N, K, V) if S0 is None else S0
     S_prev = []
-    for M_c, N_c in zip(M.unbind(1), N.unbind(1)):  # (unbind: one stack in the backward)
+    for M_c, N_c in zip(M.unbind(1), inject.unbind(1)):   # (unbind: one stack in the backward)
         S_prev.append(S)
         S = torch.baddbmm(N_c, M_c, S)
-    S_prev = torch.stack(S_prev, dim=1).flatten(0, 1)                     # [B·H·n, K, V]
-    o = torch.baddbmm(local.flatten(0, 2), read.flatten(0, 2), S_prev)    # read S_prev + P U
-    return from_chunks(o.view(*read.shape[:4], V), T), S.view(B, H, K, V)
+    S_prev = torch.stack(S_prev, dim=1)                                  # [N, n, K, V]
+    R = read.shape[2]
+    if track:
+        o = read @ S_prev + local
+    else:
+        o = torch.baddbmm(local.flatten(0, 1), read.flatten(0, 1), S_prev.flatten(0, 1))
+        o = o.view(N, n, R, V)
+    return o, S, (UW, X, read, M, S_prev)
 
 
-def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = 16) -> Tensor:
+class _DeltaCore(torch.autograd.Function):
+    """:func:`_core_forward` with a hand-written backward (autograd through it records some
+    50 ops per segment). With ``u = U - W S_prev`` (each step's correction, kept by the
+    forward) the chunk reads ``o = q_in S_prev + P u`` (less ``p ⊙ β v``, ``p = diag P``, when
+    ``strict``: the same outputs as :func:`_scores_times`'s, since ``U = β v - A U``) and
+    writes ``S_next = γ S_prev + k_outᵀ u``. With ``Λ_c = ∂L/∂S_c`` (the state after chunk
+    c; ``Λ_{n-1}`` the final state's gradient) the backward runs one reverse pass
+    ``Λ_{c-1} = M_cᵀ Λ_c + read_cᵀ do_c`` (``∂S_0`` its last value), then every chunk at
+    once: ``∂u = Pᵀ do + k_out Λ``, ``∂q_in = do S_prevᵀ``, ``∂P = tril(do uᵀ)``,
+    ``∂k_out = u Λᵀ``, ``∂γ = Σ Λ ⊙ S_prev``, the transposed solve
+    ``∂rhs = (I + A)⁻ᵀ [∂u | -∂u S_prevᵀ]`` (with the forward's diagonal-block inverses) and
+    ``∂A = -tril(∂rhs [U | W]ᵀ, -1)``; ``strict`` adds ``-do·β v`` to ``∂P``'s diagonal and
+    ``-p ⊙ do`` to ``∂(β v)``. Under ``create_graph`` the backward instead recomposes the
+    forward with differentiable ops from the saved inputs and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, q_in, P, A, rhs, k_out, gamma, S0, strict):
+        o, S, (UW, X, read, M, S_prev) = _core_forward(q_in, P, A, rhs, k_out, gamma, S0, strict)
+        N, n, C, K = k_out.shape
+        V = rhs.shape[-1] - K
+        U, W = (x.flatten(0, 1) for x in UW.split([V, K], dim=-1))
+        u = torch.baddbmm(U, W, S_prev.flatten(0, 1), alpha=-1).view(N, n, C, V)
+        ctx.save_for_backward(q_in, P, A, rhs, k_out, gamma, S0, UW, X, read, M, S_prev, u)
+        ctx.strict = strict
+        ctx.set_materialize_grads(False)
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q_in, P, A, rhs, k_out, gamma, S0, UW, X, read, M, S_prev, u = ctx.saved_tensors
+        if torch.is_grad_enabled():     # double backward: differentiate the plain composition
+            return _DeltaCore.backward_by_autograd(ctx, (q_in, P, A, rhs, k_out, gamma, S0),
+                                                   do, dS)
+        N, n, C, K = k_out.shape
+        V = rhs.shape[-1] - K
+        do = u.new_zeros(u.shape) if do is None else do.contiguous()
+        Rd = read.mT @ do                                                # read_cᵀ do_c
+        lam = S_prev.new_zeros(N, K, V) if dS is None else dS
+        lams = []
+        for M_c, R_c in zip(reversed(M.unbind(1)), reversed(Rd.unbind(1))):
+            lams.append(lam)
+            lam = torch.baddbmm(R_c, M_c.mT, lam)
+        dS0 = lam if S0 is not None else None
+        lam = torch.stack(lams[::-1], dim=1)                             # Λ_c: [N, n, K, V]
+        du = (P.mT @ do).view(N * n, C, V).baddbmm_(k_out.flatten(0, 1), lam.flatten(0, 1))
+        du = du.view(N, n, C, V)
+        dq_in = do @ S_prev.mT
+        dP = (do @ u.mT).tril_()
+        dk_out = u @ lam.mT
+        dgamma = (lam * S_prev).sum((-2, -1), keepdim=True)
+        drhs = _solve_transposed(A, torch.cat([du, (du @ S_prev.mT).neg_()], dim=-1),
+                                 SOLVE_BLOCK, X)
+        dA = (drhs @ UW.mT).tril_(-1).neg_()
+        if ctx.strict:                   # o also loses p ⊙ β v
+            dP.diagonal(dim1=-2, dim2=-1).sub_((do * rhs[..., :V]).sum(-1))
+            drhs[..., :V].addcmul_(P.diagonal(dim1=-2, dim2=-1)[..., None], do, value=-1)
+        return dq_in, dP, dA, drhs, dk_out, dgamma, dS0, None
+
+    @staticmethod
+    def backward_by_autograd(ctx, inputs, do, dS):
+        """The gradients with a graph (``create_graph``): the forward recomposed with
+        differentiable ops from the saved inputs, then differentiated."""
+        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            o, S, _ = _core_forward(*inputs, ctx.strict, track=True)
+            pairs = [(t, g) for t, g in ((o, do), (S, dS)) if g is not None]
+            grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
+                                        [g for _, g in pairs], create_graph=True,
+                                        allow_unused=True)
+        out = [None] * 8
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
+
+
+def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = SOLVE_BLOCK) -> Tensor:
     """``(I + A)⁻¹ rhs`` for the strictly lower triangle of ``A`` (:func:`_solve_forward`);
     under autograd through :class:`_UnitLowerSolve`, whose backward is one more such solve."""
     if needs_grad(A, rhs):
