@@ -21,12 +21,13 @@ import math
 
 import torch
 
-from ._chunking import (LOG2E, compute_dtype, default_scale, from_chunks, needs_grad,
-                        output_dtype, pad_time, segment_length, strict_last_step_apart,
-                        to_chunks, to_chunks_scaled, within_factor_limit)
+from ._chunking import (LOG2E, compute_dtype, default_scale, exp_fast, from_chunks,
+                        needs_grad, output_dtype, pad_time, segment_length,
+                        strict_last_step_apart, to_chunks, to_chunks_scaled,
+                        within_factor_limit)
 from ._varlen import varlen_call
-from .linear import (_chunked_per_key, _expand_heads, _rows_decayed_nograd, linear,
-                     linear_ref)
+from .linear import (_chunked_per_key, _expand_heads, _rows_decayed_nograd, chunked_form,
+                     linear, linear_ref)
 
 Tensor = torch.Tensor
 
@@ -73,6 +74,11 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
         o, S = _chunked_nograd(*(x.to(real) for x in (q, k, v, log_magnitude, phase)),
                                initial_state, chunk_size, default_scale(scale, K), cplx)
         return o.to(_real_dtype(q, k, v)), (S if output_final_state else None)
+    if inner is None and not q.is_complex() and not k.is_complex():
+        out = _chunked_grad(*(x.to(real) for x in (q, k, v, log_magnitude, phase)),
+                            initial_state, chunk_size, default_scale(scale, K), cplx)
+        if out is not None:
+            return out[0].to(_real_dtype(q, k, v)), (out[1] if output_final_state else None)
     angle = _cumulative_angle(phase, real)                                   # Φ_t [B, T, H, K]
     cos = torch.cos(angle)
     nsin = torch.sin(angle).neg_()                  # -sin Φ_t (sin's backward reads Φ, not it)
@@ -174,6 +180,140 @@ def _segment_nograd(q, k, v, g, phase, S, phi, chunk, scale):
     chunk_decay = e_G[..., -1, None, :].expand(B, H, n, 2, K).reshape(B, H, n, 2 * K, 1)
     o, S = _rows_decayed_nograd(q_in, k_back, vc, chunk_decay, S)
     return from_chunks(o, T), S, phi_end
+
+
+def _chunked_grad(q, k, v, log_magnitude, phase, initial_state, chunk, scale, cplx):
+    """The lowered form under autograd, in the chunk layout from the start, or None when some
+    chunk's accumulated log magnitude leaves the factor limit (then the generic lowering runs).
+
+    Strict, with each step's own write added outside the rotation and the decay (see
+    :func:`_strict_with_own_writes`): the rotated, decayed rows ``q_in``, ``k_back`` of the
+    real ``2K`` form (the last step's key zeroed) come from :class:`_RotatedRows` (a
+    hand-written backward: the autograd graph of the generic lowering holds some 40
+    ``[B, T, H, 2K]``-sized ops), the chunk products from :func:`chunked_form`, in time
+    segments of whole chunks. q, k real, all in the compute dtype. Returns
+    ``(o [B, T, H, V], complex S_T [B, H, K, V])``."""
+    q, k, v = _expand_heads(q, k, v)
+    B, T, H, K = q.shape
+    G = to_chunks(log_magnitude, chunk).cumsum(3)       # log magnitude chunk start -> i
+    if not within_factor_limit(G):
+        return None
+    q_in, k_back = _RotatedRows.apply(q, k, G, phase, chunk, scale)      # [B, H, n, C, 2K]
+    e_end = torch.exp(G[..., -1, :])                                     # [B, H, n, K]
+    chunk_decay = torch.cat([e_end, e_end], dim=-1)[..., None]          # [B, H, n, 2K, 1]
+    S = None
+    if initial_state is not None:
+        S0 = initial_state.to(cplx)
+        S = torch.cat([S0.real, S0.imag], dim=-2)                        # [B, H, 2K, V]
+    per = segment_length(chunk, B * H) // chunk                          # chunks per segment
+    outs = []
+    for seg in zip(*(x.split(per, dim=2) for x in (q_in, k_back, to_chunks(v, chunk),
+                                                   chunk_decay))):
+        o, S = chunked_form(*seg, S, strict=True)
+        outs.append(o)
+    o = from_chunks(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2), T)
+    # S' = e^{G_T} ⊙ S_{T-1} (the last key was zeroed): rotate back, add the last write
+    phi_end = phase.to(torch.float64).sum(1)                             # Φ_T [B, H, K]
+    rot = torch.complex(torch.cos(phi_end), torch.sin(phi_end)).to(cplx)
+    S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
+    S = S + k[:, -1, :, :, None].to(cplx) * v[:, -1, :, None, :]
+    own = (q * k).sum(-1, keepdim=True) * scale                          # [B, T, H, 1]
+    return o + own * v, S                                                # + Re(q_t·k_t) v_t
+
+
+class _RotatedRows(torch.autograd.Function):
+    """The rows of :func:`_chunked_grad`'s real ``2K`` form in the chunk layout, from
+    ``q, k, phase [B, T, H, K]`` and the log magnitude accumulated from each chunk start
+    ``G [B, H, n, C, K]``:
+
+        q_in   = scale · q e^{G} [cos Φ, -sin Φ],    k_back = k e^{-G} [cos Φ, -sin Φ]
+
+    with ``Φ`` the cumulative phase over all T (summed in float64 within each chunk, then over
+    the chunk totals, reduced to ``[-π, π]``) and the last step's key zeroed. Backward, with
+    ``(a, b)``, ``(c, d)`` the halves of ``∂q_in``, ``∂k_back`` and ``q̂ = scale q e^G``,
+    ``k̂ = k e^{-G}``: ``X_q = a cos Φ - b sin Φ``, ``Y_q = -a sin Φ - b cos Φ`` (likewise
+    ``X_k``, ``Y_k``), ``∂q = scale e^G X_q``, ``∂k = e^{-G} X_k``,
+    ``∂G = q̂ ⊙ X_q - k̂ ⊙ X_k``, and ``∂phase`` the reverse cumulative sum over T (in float64)
+    of ``∂Φ = q̂ ⊙ Y_q + k̂ ⊙ Y_k``. Under ``create_graph`` the rows are recomposed with
+    differentiable ops and differentiated."""
+
+    @staticmethod
+    def forward(ctx, q, k, G, phase, chunk, scale):
+        cos, nsin = _chunk_angle(phase, chunk, q.dtype)                 # [B, H, n, C, K]
+        e_G = exp_fast(G)
+        qd = to_chunks_scaled(q, chunk, e_G * scale)                     # q̂
+        kd = to_chunks_scaled(k, chunk, torch.reciprocal(e_G))           # k̂
+        T = q.shape[1]
+        kd[:, :, (T - 1) // chunk, (T - 1) % chunk] = 0                  # the last key
+        q_in, k_back = (torch.cat([x * cos, x * nsin], dim=-1) for x in (qd, kd))
+        ctx.save_for_backward(q, k, G, phase, e_G, qd, kd, cos, nsin)
+        ctx.chunk, ctx.scale = chunk, scale
+        ctx.set_materialize_grads(False)
+        return q_in, k_back
+
+    @staticmethod
+    def backward(ctx, dq_in, dk_back):
+        q, k, G, phase, e_G, qd, kd, cos, nsin = ctx.saved_tensors
+        if torch.is_grad_enabled():     # double backward: differentiate the plain composition
+            return _RotatedRows.backward_by_autograd(ctx, (q, k, G, phase), dq_in, dk_back)
+        B, T, H, K = q.shape
+        dG = torch.zeros_like(G)
+        dphi = torch.zeros_like(G)
+        dq = dk = None
+        for x, dx, scale_, sign in ((qd, dq_in, ctx.scale, 1.0), (kd, dk_back, 1.0, -1.0)):
+            if dx is None:
+                continue
+            a, b = dx[..., :K], dx[..., K:]
+            X = torch.addcmul(a * cos, b, nsin)                          # a cos Φ - b sin Φ
+            Y = torch.addcmul(a * nsin, b, cos, value=-1)                # -a sin Φ - b cos Φ
+            dG.addcmul_(x, X, value=sign)
+            dphi.addcmul_(x, Y)
+            if sign > 0:
+                dq = from_chunks(X.mul_(e_G).mul_(scale_), T)
+            else:
+                X[:, :, (T - 1) // ctx.chunk, (T - 1) % ctx.chunk] = 0    # (the last key)
+                dk = from_chunks(X.div_(e_G), T)
+        # ∂phase_r = Σ_{t >= r} ∂Φ_t: within each chunk, then the later chunks' totals
+        rev = dphi.to(torch.float64).flip(3).cumsum(3).flip(3)           # [B, H, n, C, K]
+        totals = rev[..., 0, :]
+        later = totals.flip(2).cumsum(2).flip(2) - totals                # [B, H, n, K]
+        dphase = from_chunks(rev.add_(later[..., None, :]), T).to(phase.dtype)
+        return dq, dk, dG, dphase, None, None
+
+    @staticmethod
+    def backward_by_autograd(ctx, inputs, dq_in, dk_back):
+        """The gradients with a graph (``create_graph``): the rows recomposed with autograd
+        from the saved inputs, then differentiated."""
+        wanted = [i for i, x in enumerate(inputs) if ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            q, k, G, phase = inputs
+            T, chunk = q.shape[1], ctx.chunk
+            angle = to_chunks(_cumulative_angle(phase, q.dtype, chunk), chunk)
+            cos, nsin = torch.cos(angle), -torch.sin(angle)
+            keep = torch.ones(to_chunks(q[..., :1], chunk).shape[2:4], dtype=q.dtype)
+            keep[(T - 1) // chunk, (T - 1) % chunk] = 0
+            qd = to_chunks(q, chunk) * (torch.exp(G) * ctx.scale)
+            kd = to_chunks(k, chunk) * torch.exp(-G) * keep[:, :, None]
+            rows = [torch.cat([x * cos, x * nsin], dim=-1) for x in (qd, kd)]
+            pairs = [(t, g) for t, g in zip(rows, (dq_in, dk_back)) if g is not None]
+            grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
+                                        [g for _, g in pairs], create_graph=True,
+                                        allow_unused=True)
+        out = [None] * 6
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
+
+
+def _chunk_angle(phase: Tensor, chunk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos Φ, -sin Φ)`` in the chunk layout ``[B, H, n, C, K]`` and ``dtype``, with
+    ``Φ_t = Σ_{r<=t} phase_r`` over all T summed in float64 within each chunk, then over the
+    chunk totals, and reduced to ``[-π, π]`` in the cast to ``dtype``."""
+    Phi = to_chunks_scaled(phase, chunk, phase.new_ones((), dtype=torch.float64)).cumsum_(3)
+    totals = Phi[..., -1, :].clone()                                  # [B, H, n, K]
+    entering = _wrap(totals.cumsum(2).sub_(totals))                   # Φ before each chunk
+    Phi = _wrap(Phi.add_(entering[..., None, :]), out=torch.empty(Phi.shape, dtype=dtype))
+    return torch.cos(Phi), torch.sin(Phi).neg_()
 
 
 def _wrap(angle: Tensor, out: Tensor | None = None) -> Tensor:
