@@ -526,9 +526,10 @@ def test_chunked_form_backward_gradcheck(decay, strict, with_state):
 @pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
 def test_decay_gradcheck(monkeypatch, decay, heads, rate, with_state):
     """The decay's gradient (strict form plus own writes, :func:`strict_last_step_apart`)
-    against finite differences in float64: per-key and scalar decays, q/k per value head or shared by
-    two (``heads`` = 1), several chunks and time segments, the factored (0.3/step) and decay-matrix / pairwise (12/step)
-    paths, with and without an initial state, the final state used by the loss or not returned."""
+    against finite differences in float64: per-key and scalar decays, q/k per value head or
+    shared by two (``heads`` = 1), several chunks and time segments, the factored (0.3/step)
+    and decay-matrix / pairwise (12/step) paths, with and without an initial state, the final
+    state used by the loss or not returned."""
     T, H, K, V = 21, 2, 3, 2
     q, k = (_randn(1, T, heads, K, seed=s).double() for s in (1, 2))
     v = _randn(1, T, V, H, seed=3).double().transpose(2, 3)      # not contiguous
