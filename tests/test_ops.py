@@ -552,6 +552,31 @@ def test_scalar_decay_gradients_strong(rate, heads):
         assert_close(actual, expected, FP32, f"scalar decay ~{-rate}/step: {name}")
 
 
+@pytest.mark.parametrize("rate", [0.1, 3.0])
+def test_scalar_decay_groups_of_value_heads(rate):
+    """q/k in two groups, each shared by three value heads (Mamba-2 with ``n_groups`` = 2), a
+    scalar decay per value head: within the factor limit (0.1/step: the decay on v and on the
+    output, through ``chunked_form``) and beyond it (3/step: centred factors per value head).
+    Output, final state and every gradient against the float64 loop, T = 70 at chunk 16."""
+    T, Hq, Hv = 70, 2, 6
+    x = dict(q=_randn(B, T, Hq, K, seed=1), k=_randn(B, T, Hq, K, seed=2),
+             v=_randn(B, T, Hv, V, seed=3),
+             log_decay=-rate * (0.5 + torch.rand(B, T, Hv, generator=_gen(4))))
+    h0 = _randn(B, Hv, K, V, seed=5).requires_grad_()
+    x = {n: t.requires_grad_() for n, t in x.items()}
+    o, S = ops.linear(**x, initial_state=h0, output_final_state=True, chunk_size=16)
+    o_gold, S_gold = ops.linear_ref(**_cast(x), initial_state=_widen(h0), output_final_state=True)
+    w, w_S = torch.randn(o.shape, generator=_gen(6)), torch.randn(S.shape, generator=_gen(7))
+    leaves = [*x.values(), h0]
+    grads = torch.autograd.grad((o * w).sum() + (S * w_S).sum(), leaves)
+    gold = torch.autograd.grad((o_gold * w.double()).sum() + (S_gold * w_S.double()).sum(),
+                               leaves)
+    assert_close(o, o_gold, FP32, f"groups, ~{-rate}/step: output")
+    assert_close(S, S_gold, FP32, f"groups, ~{-rate}/step: final state")
+    for name, a, b in zip([*x, "initial_state"], grads, gold):
+        assert_close(a, b, FP32, f"groups, ~{-rate}/step: gradient of {name}")
+
+
 def _strong_gate_gradient(core, rate):
     """(actual, gold) gradient of the gate that ``core`` ('delta': the scalar gate; 'complex':
     the phase) of log decays ~-rate per step, the loss on output and final state."""
