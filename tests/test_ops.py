@@ -636,11 +636,13 @@ def test_complex_gradcheck(monkeypatch, T, complex_qk, rate, with_state):
 
 
 @pytest.mark.parametrize("T", [21, 1])
-@pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (0.3, False)])
+@pytest.mark.parametrize("rate, with_state", [(0.3, True), (12.0, True), (40.0, True),
+                                              (0.3, False)])
 def test_delta_gate_gradcheck(monkeypatch, T, rate, with_state):
     """delta's gate gradient (strict form plus own writes) against finite differences in
-    float64: several chunks and segments (or one step), the factored and decay-matrix paths, β
-    in (0, 2), with and without an initial state, the final state in the loss or not returned."""
+    float64: several chunks and segments (or one step), the factored (0.3/step), centred
+    (12/step: chunks of 4 span up to 72) and decay-matrix (40/step) paths, β in (0, 2), with
+    and without an initial state, the final state in the loss or not returned."""
     H, K, V = 2, 3, 2
     q, k = (_randn(1, T, H, K, seed=s).double() for s in (1, 2))
     k = F.normalize(k, dim=-1)
@@ -653,12 +655,15 @@ def test_delta_gate_gradcheck(monkeypatch, T, rate, with_state):
     _gradcheck_chunked(monkeypatch, ops.delta, leaves, 5, with_state)
 
 
-@pytest.mark.parametrize("core", ["linear key", "linear scalar", "delta", "complex"])
-@pytest.mark.parametrize("rate", [0.3, 12.0])
+@pytest.mark.parametrize("core, rate", [
+    *((core, rate) for core in ("linear key", "linear scalar", "delta", "complex")
+      for rate in (0.3, 12.0)),
+    ("delta", 40.0)])
 def test_decay_double_backward(monkeypatch, core, rate):
     """Second derivatives through a decay that requires a gradient (``gradgradcheck``, float64):
     the exact decay gradients are plain autograd, so double backward works (T = 9 at chunk 4:
-    three chunks over two time segments; the final state in the loss)."""
+    three chunks over two time segments; the final state in the loss). For ``delta``, 12/step
+    takes the centred factors, 40/step the decay matrix."""
     T, H, K, V = 9, 2, 3, 2
     q, k = (_randn(1, T, H, K, seed=s).double() for s in (1, 2))
     v = _randn(1, T, H, V, seed=3).double()
@@ -1018,23 +1023,24 @@ def test_complex_inference_form_over_segments(monkeypatch, qk_heads, dtype):
         assert_close(S, generic[1], tol, "inference form vs the generic lowering: final state")
 
 
-@pytest.mark.parametrize("gate", ["gate", "strong gate", "no gate"])
+@pytest.mark.parametrize("gate", ["gate", "strong gate", "very strong gate", "no gate"])
 @pytest.mark.parametrize("steps, chunk", [(2, 8), (3, 12)])
 def test_interleaved_reads_over_segments(monkeypatch, steps, chunk, gate):
     """Without autograd, ``delta_interleave`` computes the queries' products on each token's last
     sub-step alone (``rows``): with one chunk per segment and T = 45 tokens (segments of
     ``chunk / steps`` tokens, the last partial), a gate of usual strength, one whose chunk sums
-    leave the factor limit in some segments (the decay-matrix path, every row, then the read
-    ones), or none: output and final state against the generic lowering (every sub-step through
-    ``delta``) and the float64 loop."""
+    leave the factor limit in some segments but span at most twice it (-9 per token: the
+    factors about each chunk's midpoint), one beyond that (-40 per token: the decay-matrix
+    path, every row, then the read ones), or none: output and final state against the generic
+    lowering (every sub-step through ``delta``) and the float64 loop."""
     chunking = importlib.import_module("seqdsl.ops._chunking")
     monkeypatch.setattr(chunking, "SEGMENT_CHUNKS", 1)
     monkeypatch.setattr(chunking, "SEGMENT_MIN_CHUNKS", 1)
     x, h0, options = make_product(45, 31, steps)
     if gate == "no gate":
         x["log_decay"] = None
-    elif gate == "strong gate":
-        x["log_decay"][:, 20:30] = -9.0
+    elif gate != "gate":
+        x["log_decay"][:, 20:30] = -9.0 if gate == "strong gate" else -40.0
     o, S = ops.delta_interleave(**x, **options, initial_state=h0, output_final_state=True,
                                 chunk_size=chunk)
     generic = ops.delta_interleave(**x, **options, initial_state=h0, output_final_state=True,

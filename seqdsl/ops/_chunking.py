@@ -161,16 +161,20 @@ def decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None
     return torch.exp(G).to(dtype), torch.exp(-G).to(dtype)
 
 
-def centred_decay_factors(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+def centred_decay_factors(G: Tensor, dtype: torch.dtype, span: float = 4 * FACTOR_LIMIT
+                          ) -> tuple[Tensor, Tensor] | None:
     """``(e^{G - m}, e^{m - G})`` in ``dtype`` with ``m`` the midpoint of each row's range
     (``G [..., C]`` float64 cumulative log decays), or None when some row spans more than
-    ``4 · FACTOR_LIMIT``. ``e^{G_i - G_j} = e^{G_i - m} · e^{m - G_j}`` with every factor
-    within ``e^{±2·FACTOR_LIMIT}``: twice the range of :func:`decay_factors`. For a product
-    that scales a causal (lower-triangular, zero above the diagonal) matrix one factor at a
-    time, so that ``e^{G_i - G_j}`` itself, up to ``e^{4·FACTOR_LIMIT}`` above the diagonal,
-    is never formed; each factor rounded once from float64, as in :func:`decay_factors`."""
+    ``span``. ``e^{G_i - G_j} = e^{G_i - m} · e^{m - G_j}`` with every factor within
+    ``e^{±span/2}``. The default, ``4 · FACTOR_LIMIT`` (twice the range of
+    :func:`decay_factors`), is for a product that scales a causal (lower-triangular, zero above
+    the diagonal) matrix one factor at a time, so that ``e^{G_i - G_j}`` itself, up to
+    ``e^{4·FACTOR_LIMIT}`` above the diagonal, is never formed. With ``2 · FACTOR_LIMIT`` the
+    factors may ride on the rows of a matmul, as those of :func:`decay_factors` do: every
+    product stays within ``e^{±2·FACTOR_LIMIT}``, above the diagonal too. Each factor is
+    rounded once from float64, as in :func:`decay_factors`."""
     low, high = G.detach().amin(-1, keepdim=True), G.detach().amax(-1, keepdim=True)
-    if float((high - low).max()) > 4 * FACTOR_LIMIT:
+    if float((high - low).max()) > span:
         return None
     centred = G - 0.5 * (low + high)      # (m carries no gradient: the product does not read it)
     return torch.exp(centred).to(dtype), torch.exp(-centred).to(dtype)

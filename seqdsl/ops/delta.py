@@ -18,9 +18,10 @@ import functools
 
 import torch
 
-from ._chunking import (cast, compute_dtype, decay_factors, decay_matrix, default_scale,
-                        from_chunks, needs_grad, output_dtype, over_segments, segment_length,
-                        strict_last_step_apart, to_chunks, to_chunks_scaled)
+from ._chunking import (FACTOR_LIMIT, cast, centred_decay_factors, compute_dtype,
+                        decay_factors, decay_matrix, default_scale, from_chunks, needs_grad,
+                        output_dtype, over_segments, segment_length, strict_last_step_apart,
+                        to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -126,7 +127,10 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1)
     This function forms the decayed operands (``q ⊙ e^G``, the scores ``P``, the system ``A``,
     ``[β v | β e^G k]``, ``k ⊙ e^{G_C - G}`` and ``e^{G_C}``); :func:`_core` does the rest.
     When every ``|G| <= FACTOR_LIMIT`` the decay rides on the rows (:func:`_delta_factored`);
-    otherwise ``e^{G_i - G_j}`` comes from :func:`decay_matrix`. ``strict`` (under autograd,
+    when every chunk's ``G`` spans at most ``2 · FACTOR_LIMIT`` (gates down to about -0.9 per
+    step over a chunk of 64) the scores and the system take it as factors about each chunk's
+    midpoint (:func:`centred_decay_factors`); otherwise ``e^{G_i - G_j}`` comes from
+    :func:`decay_matrix`. ``strict`` (under autograd,
     for :func:`_with_own_writes`) leaves each step's own write ``scale β_i (q_i·k_i) v_i`` out
     of its output. ``rows`` > 1 (without autograd, for :func:`delta_interleave`): ``q`` holds
     only every ``rows``-th step's query (the last of each group of ``rows``; the others are
@@ -140,6 +144,11 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1)
     factors = decay_factors(Gd, q.dtype)
     if factors is not None:
         return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict, rows)
+    factors = centred_decay_factors(Gd, q.dtype, span=2 * FACTOR_LIMIT)
+    if factors is not None:                          # about each chunk's midpoint m
+        e_G = torch.exp(Gd).to(q.dtype)              # (the state's reads: from the start)
+        return _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict, rows,
+                               e_G)
     if rows > 1:                                     # every step's row, then the ones read
         q = torch.stack([*(torch.zeros_like(q),) * (rows - 1), q], dim=2).flatten(1, 2)
         o, S = _delta_chunked(q, k, v, beta, g, S0, chunk, scale, strict)
@@ -147,55 +156,73 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1)
 
     qc, kc, vc = to_chunks(q, chunk) * scale, to_chunks(k, chunk), to_chunks(v, chunk)
     _, decay = decay_matrix(gc, q.dtype)             # e^{G_i - G_j} for j <= i, 1 above
-    q_in = qc * torch.exp(G)[..., None]
-    kb = kc * (bc * torch.exp(G))[..., None]
     A = kc @ kc.mT
     A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
     P = (qc @ kc.mT).tril_()
     P = P.mul_(decay) if not track else P * decay
+    q_in = qc * torch.exp(G)[..., None]
+    kb = kc * (bc * torch.exp(G))[..., None]
     rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
     k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
     o, S = _core(q_in, P, A, rhs, k_out, torch.exp(G[..., -1:])[..., None], S0, strict)
     return from_chunks(o, T), S
 
 
-def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=False, rows=1):
-    """:func:`_delta_chunked` with the decay on the rows (``e^{G_i - G_j} = e^{G_i} e^{-G_j}``,
-    see :func:`decay_factors`): no ``[C, C]`` decay pass, and the keys decayed to the chunk end
-    are ``k̃ e^{G_C}`` with ``k̃ = k e^{-G}``. Without autograd q, k, β v and β e^G k are written
-    straight from the input layout into their chunked buffers, scaled on the way (no separate
-    transpose copies). With ``rows`` > 1 (see :func:`_delta_chunked`) the queries' products
-    (the scores, their products with ``[U | W]`` and the reads of the entering states) run on
-    the ``C / rows`` rows read."""
+def _delta_factored(q, k, v, bc, G, factors, S0, chunk, scale, track, strict=False, rows=1,
+                    e_G=None):
+    """:func:`_delta_chunked` with the decay on the rows: ``factors = (e^{G - m}, e^{m - G})``
+    with ``m`` = 0 (:func:`decay_factors`) or, when ``e_G = e^G`` is given, ``m`` the midpoint
+    of each chunk's range (:func:`centred_decay_factors`), so that ``e^{G_i - G_j}`` is the
+    product of a factor on row i and one on row j: no ``[C, C]`` decay pass. With
+    ``k̃ = k e^{m - G}`` the scores are ``(q e^{G - m}) k̃ᵀ``, the system
+    ``(β e^{G - m} k) k̃ᵀ`` and the keys decayed to the chunk end ``k̃ e^{G_C - m}``; the state
+    is read by ``q e^G`` and the solve's right-hand side is ``[β v | β e^G k]`` (with ``m`` = 0
+    those two rows are the scores' and the system's own: with a centre they are two more
+    scaled copies). Without autograd q, k, β v
+    and β e^G k are written straight from the input layout into their chunked buffers, scaled
+    on the way (no separate transpose copies). With ``rows`` > 1 (see :func:`_delta_chunked`)
+    the queries' products (the scores, their products with ``[U | W]`` and the reads of the
+    entering states) run on the ``C / rows`` rows read."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    e_G, e_negG = (f[..., None] for f in factors)                      # [B, H, n, C, 1]
-    n = e_G.shape[2]
+    e_Gm, e_negGm = (f[..., None] for f in factors)                    # [B, H, n, C, 1]
+    n = e_Gm.shape[2]
     beta = bc[..., None]
-    chunk_decay = torch.exp(G[..., -1])[..., None, None]                 # [B, H, n, 1, 1]
+    chunk_decay = torch.exp(G[..., -1])[..., None, None]                 # e^{G_C}: [.., 1, 1]
+    centred = e_G is not None
+    e_G = e_G[..., None] if centred else e_Gm                            # (no m: one tensor)
+    to_end = e_Gm[..., -1:, :] if centred else chunk_decay               # e^{G_C - m}
     if track:
-        kc = to_chunks(k, chunk)
-        k_back = kc * e_negG                         # k_j e^{-G_j}
-        q_in = to_chunks(q, chunk) * (e_G * scale)   # reads the state entering the chunk
+        kc, qc = to_chunks(k, chunk), to_chunks(q, chunk)
+        k_back = kc * e_negGm                        # k_j e^{m - G_j}
+        q_in = qc * (e_G * scale)                    # reads the state entering the chunk
         rhs = torch.cat([to_chunks(v, chunk) * beta, kc * (beta * e_G)], dim=-1)
-        A = rhs[..., V:] @ k_back.mT                 # β_i e^{G_i - G_j} k_i·k_j (read for j < i)
-        P = (q_in @ k_back.mT).tril_()               # intra-chunk scores, incl. the diagonal
-        k_out = k_back * chunk_decay
+        q_m, kb_m = (qc * (e_Gm * scale), kc * (beta * e_Gm)) if centred else (
+            q_in, rhs[..., V:])
+        A = kb_m @ k_back.mT                         # β_i e^{G_i - G_j} k_i·k_j (read for j < i)
+        P = (q_m @ k_back.mT).tril_()                # intra-chunk scores, incl. the diagonal
+        k_out = k_back * to_end
     else:
-        k_back = to_chunks_scaled(k, chunk, e_negG)
-        # [β v | β e^G k] written straight into one buffer; the triangular system A reads its
-        # β e^G k half in place (a strided matrix: no copy)
+        k_back = to_chunks_scaled(k, chunk, e_negGm)
+        # [β v | β e^G k] written straight into one buffer; without a centre the triangular
+        # system A reads its β e^G k half in place (a strided matrix: no copy)
         rhs = q.new_empty(B, H, n, chunk, V + K)
         to_chunks_scaled(v, chunk, beta, out=rhs[..., :V])
         kb = to_chunks_scaled(k, chunk, beta * e_G, out=rhs[..., V:])
+        kb_m = to_chunks_scaled(k, chunk, beta * e_Gm) if centred else kb
         if rows == 1:
             q_in = to_chunks_scaled(q, chunk, e_G * scale)
-            P = (q_in @ k_back.mT).tril_()
+            q_m = to_chunks_scaled(q, chunk, e_Gm * scale) if centred else q_in
+            P = (q_m @ k_back.mT).tril_()
         else:                                        # the read rows r·i + r - 1 of each chunk
-            q_in = to_chunks_scaled(q, chunk // rows, e_G[..., rows - 1::rows, :] * scale)
-            P = (q_in @ k_back.mT).mul_(_read_rows_mask(chunk, rows, q_in.dtype, q_in.device))
-        A = kb @ k_back.mT
-        k_out = k_back.mul_(chunk_decay)
+            read = slice(rows - 1, None, rows)
+            q_in = to_chunks_scaled(q, chunk // rows, e_G[..., read, :] * scale)
+            q_m = q_in
+            if centred:
+                q_m = to_chunks_scaled(q, chunk // rows, e_Gm[..., read, :] * scale)
+            P = (q_m @ k_back.mT).mul_(_read_rows_mask(chunk, rows, q_in.dtype, q_in.device))
+        A = kb_m @ k_back.mT
+        k_out = k_back.mul_(to_end)
     o, S = _core(q_in, P, A, rhs, k_out, chunk_decay, S0, strict)
     return from_chunks(o, T // rows), S
 
