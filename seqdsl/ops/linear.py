@@ -214,7 +214,7 @@ def _chunked_scalar(q, k, v, g, S0, chunk, scale, strict=False):
     ``o_i = e^{G_i} (Σ_{j<=i} (q_i·k_j) e^{-G_j} v_j + q_i S_prev)``, so that one causal
     ``q kᵀ`` serves all r heads (``[C, C] @ [C, r·V]``) and the products are those of
     :func:`chunked_form`, with its hand-written backward (measured against scaling ``q kᵀ``
-    per value head, two ``[r, C, C]`` passes: forward 7-10% faster, forward + backward 16-20%,
+    per value head, two ``[r, C, C]`` passes: forward 4-10% faster, forward + backward 15-25%,
     for Mamba-2's 24 heads of K = 128 and for 4 heads of K = 64 at T = 2048). Beyond the
     factor limit the decays are factored about each chunk's midpoint
     (:func:`centred_decay_factors`) on a per-head ``q kᵀ``, or come from
