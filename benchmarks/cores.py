@@ -55,6 +55,9 @@ def inputs(T: int) -> dict[str, torch.Tensor]:
         g_kv=F.logsigmoid(randn(B, T, H, 16, V) + 3),
         phase=randn(B, T, H, K), a=torch.sigmoid(randn(B, T, H * K) + 3), b=randn(B, T, H * K),
         k_kv=randn(B, T, 1, K), v_kv=randn(B, T, 1, V),
+        # a Gated DeltaNet gate at the strong end of its init (-A·dt, A·dt from 0.3 to 0.9):
+        # chunk sums of about 34-43 over 64 steps, beyond the factor limit (centred factors)
+        g_strong=-0.6 * (0.5 + torch.rand(B, T, H, generator=g)),
     )
 
 
@@ -84,6 +87,11 @@ def cases(x: dict[str, torch.Tensor]):
         ("delta, gated", lambda: ops.delta(q, x["k_unit"], v, x["beta"], x["g_scalar"]),
          lambda: ops.delta_ref(q, x["k_unit"], v, x["beta"], x["g_scalar"]),
          chunk_gated_delta and (lambda: chunk_gated_delta(q, x["k_unit"], v, x["g_scalar"],
+                                                          x["beta"]))),
+        ("delta, gated ~-0.6/step", lambda: ops.delta(q, x["k_unit"], v, x["beta"],
+                                                        x["g_strong"]),
+         lambda: ops.delta_ref(q, x["k_unit"], v, x["beta"], x["g_strong"]),
+         chunk_gated_delta and (lambda: chunk_gated_delta(q, x["k_unit"], v, x["g_strong"],
                                                           x["beta"]))),
         ("delta_interleave, 2 steps",
          lambda: ops.delta_interleave(q, x["k_steps"], x["v_steps"], x["beta_steps"],
