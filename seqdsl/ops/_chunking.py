@@ -277,6 +277,26 @@ def sub_chunk_size(chunk: int, preferred: int = 16) -> int:
     return math.gcd(chunk, preferred)
 
 
+def grads_by_recomposition(ctx, inputs: tuple, compose: Callable, grads_out: tuple,
+                           n_args: int) -> tuple:
+    """The double backward of a custom ``autograd.Function`` whose first-order backward is
+    hand-written: under ``create_graph``, ``compose(*inputs)`` recomputes its outputs from the
+    saved tensor ``inputs`` with differentiable ops, and autograd differentiates them against
+    ``grads_out`` (None where an output got no gradient) with a graph. Returns the ``n_args``
+    gradients a ``backward`` returns: one per input that ``ctx`` wants (None elsewhere), then
+    None for the Function's non-tensor arguments."""
+    wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        pairs = [(t, g) for t, g in zip(compose(*inputs), grads_out) if g is not None]
+        grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True)
+    out = [None] * n_args
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
+
+
 def checkpointed(fn: Callable, *args):
     """``fn(*args)``, recomputed in the backward pass instead of storing its intermediates when
     autograd is recording. Keeps the memory of the tiled forms O(tile) with gradients too."""
@@ -290,4 +310,4 @@ __all__ = ["compute_dtype", "output_dtype", "cast", "default_scale", "pad_time",
            "centred_decay_factors", "FACTOR_LIMIT", "within_factor_limit", "LOG2E", "exp_fast",
            "SEGMENT_CHUNKS", "SEGMENT_MIN_CHUNKS", "segment_length", "over_segments",
            "strict_last_step_apart", "cumsum_to_end", "sub_chunk_size", "checkpointed",
-           "needs_grad"]
+           "grads_by_recomposition", "needs_grad"]

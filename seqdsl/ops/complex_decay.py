@@ -22,7 +22,7 @@ import math
 import torch
 
 from ._chunking import (LOG2E, compute_dtype, default_scale, exp_fast, from_chunks,
-                        needs_grad, output_dtype, pad_time, segment_length,
+                        grads_by_recomposition, needs_grad, output_dtype, pad_time, segment_length,
                         strict_last_step_apart, to_chunks, to_chunks_scaled,
                         within_factor_limit)
 from ._varlen import varlen_call
@@ -86,10 +86,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     rot = torch.complex(cos[:, -1], -nsin[:, -1]).to(cplx)                    # e^{iΦ_T}
     del angle, cos, nsin    # (without autograd: not held while the core runs)
     g2 = torch.cat([log_magnitude, log_magnitude], dim=-1).to(real)        # [B, T, H, 2K]
-    S0 = None
-    if initial_state is not None:
-        S0 = initial_state.to(cplx)
-        S0 = torch.cat([S0.real, S0.imag], dim=-2)                         # [B, H, 2K, V]
+    S0 = _real_state(initial_state, cplx)                                  # [B, H, 2K, V]
     scale = default_scale(scale, K)
     if needs_grad(phase, log_magnitude) and (inner is None or _takes_strict(inner)):
         o, S = _strict_with_own_writes(q, k, v.to(real), q2, k2, g2, S0, rot, chunk_size, scale,
@@ -100,8 +97,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     o, S = inner(q2, k2, v.to(real), g2, scale=scale, initial_state=S0,
                  output_final_state=output_final_state)
     if S is not None:
-        # S_T = e^{iΦ_T} (S'_re + i S'_im): [B, H, 2K, V] -> [B, H, K, V] complex
-        S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
+        S = _complex_state(S, rot)
     return o.to(_real_dtype(q, k, v)), S
 
 
@@ -128,10 +124,9 @@ def _chunked_nograd(q, k, v, log_magnitude, phase, initial_state, chunk, scale, 
     Returns ``(o [B, T, H, V], complex S_T [B, H, K, V])``."""
     q, k, v = _expand_heads(q, k, v)
     B, T, H, K = q.shape
-    S = None
-    if initial_state is not None:
-        S0 = initial_state.to(cplx)
-        S = torch.cat([S0.real, S0.imag], dim=-2) * scale     # the scale rides on v and S
+    S = _real_state(initial_state, cplx)
+    if S is not None:
+        S = S * scale                                          # the scale rides on v and S
     phi = q.new_zeros(B, H, 1, K, dtype=torch.float64)         # Φ entering the segment
     length = segment_length(chunk, B * H)
     outs = []
@@ -141,22 +136,15 @@ def _chunked_nograd(q, k, v, log_magnitude, phase, initial_state, chunk, scale, 
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     S = S / scale
     rot = torch.polar(torch.ones_like(phi[:, :, 0]), phi[:, :, 0]).to(cplx)    # e^{iΦ_T}
-    return o, torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
+    return o, _complex_state(S, rot)
 
 
 def _segment_nograd(q, k, v, g, phase, S, phi, chunk, scale):
     """One segment of :func:`_chunked_nograd`: ``(o, the real state S' (times scale), Φ)``
     at its end, from those entering it (Φ float64 ``[B, H, 1, K]``, in ``[-π, π]``)."""
     B, T, H, K = q.shape
-    # Φ in the chunk layout: float64 sums within each chunk, then the chunk totals
-    Phi = to_chunks_scaled(phase, chunk, phase.new_ones((), dtype=torch.float64)).cumsum_(3)
-    totals = Phi[..., -1, :].clone()                                  # [B, H, n, K]
-    entering = _wrap(totals.cumsum(2).sub_(totals).add_(phi))      # Φ before each chunk
-    phi_end = _wrap(entering[:, :, -1:] + totals[:, :, -1:])
-    n = Phi.shape[2]
-    Phi = _wrap(Phi.add_(entering[..., None, :]), out=q.new_empty(Phi.shape))  # (to q's dtype)
-    cos, nsin = torch.cos(Phi), torch.sin(Phi).neg_()               # [B, H, n, C, K]
-    del Phi
+    cos, nsin, phi_end = _chunk_angle(phase, chunk, q.dtype, phi)  # [B, H, n, C, K]
+    n = cos.shape[2]
     vc = to_chunks_scaled(v, chunk, v.new_tensor(scale))                       # [B, H, n, C, V]
     base2 = g.dtype == torch.float32                     # e^G = 2^{G log2 e}: one exp2 pass
     G = (to_chunks_scaled(g, chunk, g.new_tensor(LOG2E)) if base2 else to_chunks(g, chunk))
@@ -201,10 +189,7 @@ def _chunked_grad(q, k, v, log_magnitude, phase, initial_state, chunk, scale, cp
     q_in, k_back = _RotatedRows.apply(q, k, G, phase, chunk, scale)      # [B, H, n, C, 2K]
     e_end = torch.exp(G[..., -1, :])                                     # [B, H, n, K]
     chunk_decay = torch.cat([e_end, e_end], dim=-1)[..., None]          # [B, H, n, 2K, 1]
-    S = None
-    if initial_state is not None:
-        S0 = initial_state.to(cplx)
-        S = torch.cat([S0.real, S0.imag], dim=-2)                        # [B, H, 2K, V]
+    S = _real_state(initial_state, cplx)                                 # [B, H, 2K, V]
     per = segment_length(chunk, B * H) // chunk                          # chunks per segment
     outs = []
     for seg in zip(*(x.split(per, dim=2) for x in (q_in, k_back, to_chunks(v, chunk),
@@ -215,8 +200,7 @@ def _chunked_grad(q, k, v, log_magnitude, phase, initial_state, chunk, scale, cp
     # S' = e^{G_T} ⊙ S_{T-1} (the last key was zeroed): rotate back, add the last write
     phi_end = phase.to(torch.float64).sum(1)                             # Φ_T [B, H, K]
     rot = torch.complex(torch.cos(phi_end), torch.sin(phi_end)).to(cplx)
-    S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
-    S = S + k[:, -1, :, :, None].to(cplx) * v[:, -1, :, None, :]
+    S = _complex_state(S, rot) + k[:, -1, :, :, None].to(cplx) * v[:, -1, :, None, :]
     own = (q * k).sum(-1, keepdim=True) * scale                          # [B, T, H, 1]
     return o + own * v, S                                                # + Re(q_t·k_t) v_t
 
@@ -239,7 +223,7 @@ class _RotatedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, G, phase, chunk, scale):
-        cos, nsin = _chunk_angle(phase, chunk, q.dtype)                 # [B, H, n, C, K]
+        cos, nsin, _ = _chunk_angle(phase, chunk, q.dtype)              # [B, H, n, C, K]
         e_G = exp_fast(G)
         qd = to_chunks_scaled(q, chunk, e_G * scale)                     # q̂
         kd = to_chunks_scaled(k, chunk, torch.reciprocal(e_G))           # k̂
@@ -255,7 +239,10 @@ class _RotatedRows(torch.autograd.Function):
     def backward(ctx, dq_in, dk_back):
         q, k, G, phase, e_G, qd, kd, cos, nsin = ctx.saved_tensors
         if torch.is_grad_enabled():     # double backward: differentiate the plain composition
-            return _RotatedRows.backward_by_autograd(ctx, (q, k, G, phase), dq_in, dk_back)
+            return grads_by_recomposition(
+                ctx, (q, k, G, phase),
+                lambda *xs: _rotated_rows_composed(*xs, ctx.chunk, ctx.scale), (dq_in, dk_back),
+                6)
         B, T, H, K = q.shape
         dG = torch.zeros_like(G)
         dphi = torch.zeros_like(G)
@@ -280,40 +267,49 @@ class _RotatedRows(torch.autograd.Function):
         dphase = from_chunks(rev.add_(later[..., None, :]), T).to(phase.dtype)
         return dq, dk, dG, dphase, None, None
 
-    @staticmethod
-    def backward_by_autograd(ctx, inputs, dq_in, dk_back):
-        """The gradients with a graph (``create_graph``): the rows recomposed with autograd
-        from the saved inputs, then differentiated."""
-        wanted = [i for i, x in enumerate(inputs) if ctx.needs_input_grad[i]]
-        with torch.enable_grad():
-            q, k, G, phase = inputs
-            T, chunk = q.shape[1], ctx.chunk
-            angle = to_chunks(_cumulative_angle(phase, q.dtype, chunk), chunk)
-            cos, nsin = torch.cos(angle), -torch.sin(angle)
-            keep = torch.ones(to_chunks(q[..., :1], chunk).shape[2:4], dtype=q.dtype)
-            keep[(T - 1) // chunk, (T - 1) % chunk] = 0
-            qd = to_chunks(q, chunk) * (torch.exp(G) * ctx.scale)
-            kd = to_chunks(k, chunk) * torch.exp(-G) * keep[:, :, None]
-            rows = [torch.cat([x * cos, x * nsin], dim=-1) for x in (qd, kd)]
-            pairs = [(t, g) for t, g in zip(rows, (dq_in, dk_back)) if g is not None]
-            grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
-                                        [g for _, g in pairs], create_graph=True,
-                                        allow_unused=True)
-        out = [None] * 6
-        for i, g in zip(wanted, grads):
-            out[i] = g
-        return tuple(out)
+
+def _rotated_rows_composed(q, k, G, phase, chunk, scale):
+    """:class:`_RotatedRows`' forward as plain differentiable ops (for its double backward)."""
+    T = q.shape[1]
+    angle = to_chunks(_cumulative_angle(phase, q.dtype, chunk), chunk)
+    cos, nsin = torch.cos(angle), -torch.sin(angle)
+    keep = torch.ones(to_chunks(q[..., :1], chunk).shape[2:4], dtype=q.dtype)
+    keep[(T - 1) // chunk, (T - 1) % chunk] = 0                          # the last key
+    qd = to_chunks(q, chunk) * (torch.exp(G) * scale)
+    kd = to_chunks(k, chunk) * torch.exp(-G) * keep[:, :, None]
+    return [torch.cat([x * cos, x * nsin], dim=-1) for x in (qd, kd)]
 
 
-def _chunk_angle(phase: Tensor, chunk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(cos Φ, -sin Φ)`` in the chunk layout ``[B, H, n, C, K]`` and ``dtype``, with
-    ``Φ_t = Σ_{r<=t} phase_r`` over all T summed in float64 within each chunk, then over the
+def _real_state(initial_state: Tensor | None, cplx: torch.dtype) -> Tensor | None:
+    """A complex state ``S [B, H, K, V]`` as the lowered form's real state ``[Re S; Im S]``
+    ``[B, H, 2K, V]`` (``S̃_0 = S_0``: no rotation yet), or None."""
+    if initial_state is None:
+        return None
+    S0 = initial_state.to(cplx)
+    return torch.cat([S0.real, S0.imag], dim=-2)
+
+
+def _complex_state(S: Tensor, rot: Tensor) -> Tensor:
+    """The lowered form's real state ``S' = [Re S̃; Im S̃]`` ``[B, H, 2K, V]`` back to the
+    complex ``S_T = e^{iΦ_T} S̃_T`` ``[B, H, K, V]``, with ``rot = e^{iΦ_T}`` ``[B, H, K]``."""
+    K = S.shape[-2] // 2
+    return torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None]
+
+
+def _chunk_angle(phase: Tensor, chunk: int, dtype: torch.dtype, phi: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(cos Φ, -sin Φ)`` in the chunk layout ``[B, H, n, C, K]`` and ``dtype``, and ``Φ`` at
+    the end (float64 ``[B, H, 1, K]``, in ``[-π, π]``), with ``Φ_t = phi + Σ_{r<=t} phase_r``
+    (``phi`` float64 ``[B, H, 1, K]``, or 0) summed in float64 within each chunk, then over the
     chunk totals, and reduced to ``[-π, π]`` in the cast to ``dtype``."""
     Phi = to_chunks_scaled(phase, chunk, phase.new_ones((), dtype=torch.float64)).cumsum_(3)
     totals = Phi[..., -1, :].clone()                                  # [B, H, n, K]
-    entering = _wrap(totals.cumsum(2).sub_(totals))                   # Φ before each chunk
-    Phi = _wrap(Phi.add_(entering[..., None, :]), out=torch.empty(Phi.shape, dtype=dtype))
-    return torch.cos(Phi), torch.sin(Phi).neg_()
+    entering = totals.cumsum(2).sub_(totals)                          # Φ before each chunk
+    entering = _wrap(entering if phi is None else entering.add_(phi))
+    phi_end = _wrap(entering[:, :, -1:] + totals[:, :, -1:])
+    Phi = _wrap(Phi.add_(entering[..., None, :]),
+                out=torch.empty(Phi.shape, dtype=dtype, device=phase.device))
+    return torch.cos(Phi), torch.sin(Phi).neg_(), phi_end
 
 
 def _wrap(angle: Tensor, out: Tensor | None = None) -> Tensor:
@@ -364,7 +360,7 @@ def _strict_with_own_writes(q, k, v, q2, k2, g2, S0, rot, chunk, scale, inner=No
     o, S = strict_last_step_apart(strict_form, (q2, k2, v, g2), 1, S0, chunk, H, (True,))
     # back to the complex state, then the last write k_T v_Tᵀ outside the rotation
     write = k[:, -1, :, :, None].to(rot.dtype) * v[:, -1, :, None, :]
-    S = torch.complex(S[..., :K, :], S[..., K:, :]) * rot[..., None] + write
+    S = _complex_state(S, rot) + write
     own = (q * k).sum(-1)                                            # [B, T, H]
     own = own.real if own.is_complex() else own
     return o.addcmul_((scale * own.to(v.dtype))[..., None], v), S    # + Re(q_t·k_t) v_t

@@ -19,8 +19,8 @@ import functools
 import torch
 
 from ._chunking import (FACTOR_LIMIT, cast, centred_decay_factors, compute_dtype,
-                        decay_factors, decay_matrix, default_scale, from_chunks, needs_grad,
-                        output_dtype, over_segments, segment_length, strict_last_step_apart,
+                        decay_factors, decay_matrix, default_scale, from_chunks,
+                        grads_by_recomposition, needs_grad, output_dtype, over_segments, segment_length, strict_last_step_apart,
                         to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
@@ -325,8 +325,9 @@ class _DeltaCore(torch.autograd.Function):
     def backward(ctx, do, dS):
         q_in, P, A, rhs, k_out, gamma, S0, UW, X, S_prev, u = ctx.saved_tensors
         if torch.is_grad_enabled():     # double backward: differentiate the plain composition
-            return _DeltaCore.backward_by_autograd(ctx, (q_in, P, A, rhs, k_out, gamma, S0),
-                                                   do, dS)
+            return grads_by_recomposition(
+                ctx, (q_in, P, A, rhs, k_out, gamma, S0),
+                lambda *xs: _core_forward(*xs, ctx.strict, track=True)[:2], (do, dS), 8)
         N, n, C, K = k_out.shape
         V = rhs.shape[-1] - K
         do = u.new_zeros(u.shape) if do is None else do.contiguous()
@@ -354,22 +355,6 @@ class _DeltaCore(torch.autograd.Function):
             dP.diagonal(dim1=-2, dim2=-1).sub_((do * rhs[..., :V]).sum(-1))
             drhs[..., :V].addcmul_(P.diagonal(dim1=-2, dim2=-1)[..., None], do, value=-1)
         return dq_in, dP, dA, drhs, dk_out, dgamma, dS0, None
-
-    @staticmethod
-    def backward_by_autograd(ctx, inputs, do, dS):
-        """The gradients with a graph (``create_graph``): the forward recomposed with
-        differentiable ops from the saved inputs, then differentiated."""
-        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
-        with torch.enable_grad():
-            o, S, _ = _core_forward(*inputs, ctx.strict, track=True)
-            pairs = [(t, g) for t, g in ((o, do), (S, dS)) if g is not None]
-            grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
-                                        [g for _, g in pairs], create_graph=True,
-                                        allow_unused=True)
-        out = [None] * 8
-        for i, g in zip(wanted, grads):
-            out[i] = g
-        return tuple(out)
 
 
 def _unit_lower_solve(A: Tensor, rhs: Tensor, block: int = SOLVE_BLOCK) -> Tensor:
@@ -433,7 +418,8 @@ def _diag_inverses(A: Tensor, block: int) -> Tensor | None:
     return X.view(-1, m, block, block)
 
 
-def _solve_forward(A: Tensor, rhs: Tensor, block: int = 16, X: Tensor | None = None) -> Tensor:
+def _solve_forward(A: Tensor, rhs: Tensor, block: int = SOLVE_BLOCK,
+                   X: Tensor | None = None) -> Tensor:
     """``(I + A)⁻¹ rhs`` for the strictly lower triangle of ``A [..., C, C]`` (the diagonal and
     above are never read: no need to mask them), ``rhs [..., C, R]``.
 
@@ -462,7 +448,7 @@ def _solve_forward(A: Tensor, rhs: Tensor, block: int = 16, X: Tensor | None = N
     return out
 
 
-def _solve_transposed(A: Tensor, rhs: Tensor, block: int = 16,
+def _solve_transposed(A: Tensor, rhs: Tensor, block: int = SOLVE_BLOCK,
                       X: Tensor | None = None) -> Tensor:
     """``(I + A)⁻ᵀ rhs``, ``A`` as in :func:`_solve_forward` (strictly lower part read): blocked
     backward substitution, block row i (from the last) being

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ._chunking import (LOG2E, cast, centred_decay_factors, compute_dtype,
                         cumsum_to_end, decay_factors, decay_matrix, default_scale, exp_fast,
-                        from_chunks, needs_grad, output_dtype, over_segments, segsum,
+                        from_chunks, grads_by_recomposition, needs_grad, output_dtype, over_segments, segsum,
                         strict_last_step_apart, sub_chunk_size, to_chunks, to_chunks_scaled,
                         within_factor_limit)
 from ._varlen import varlen_call
@@ -415,7 +415,9 @@ class _ChunkedForm(torch.autograd.Function):
     def backward(ctx, do, dS):
         q, k, v, d, S0, P, S_prev, X = ctx.saved_tensors
         if torch.is_grad_enabled():     # double backward: differentiate the plain composition
-            return _ChunkedForm.backward_by_autograd(ctx, (q, k, v, d, S0), do, dS)
+            return grads_by_recomposition(
+                ctx, (q, k, v, d, S0), lambda *xs: _chunked_form_composed(*xs, ctx.strict),
+                (do, dS), 6)
         N, n, C, K = q.shape
         # (the gradient arrives in the output's [B, T, H] layout: one copy, not one per product)
         do = torch.zeros_like(v) if do is None else do.contiguous()
@@ -443,22 +445,6 @@ class _ChunkedForm(torch.autograd.Function):
                            dX.flatten(0, 1)).view(v.shape)
         dS0 = D[:, 0] if S0 is not None else None
         return dq, dk, dv, dd, dS0, None
-
-    @staticmethod
-    def backward_by_autograd(ctx, inputs, do, dS):
-        """The gradients with a graph (``create_graph``): the same products recomputed with
-        autograd from the saved inputs (:func:`_chunked_form_composed`), then differentiated."""
-        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
-        with torch.enable_grad():
-            o, S = _chunked_form_composed(*inputs, ctx.strict)
-            pairs = [(t, g) for t, g in ((o, do), (S, dS)) if g is not None]
-            grads = torch.autograd.grad([t for t, _ in pairs], [inputs[i] for i in wanted],
-                                        [g for _, g in pairs], create_graph=True,
-                                        allow_unused=True)
-        out = [None] * 6
-        for i, g in zip(wanted, grads):
-            out[i] = g
-        return tuple(out)
 
 
 def _chunked_form_composed(q, k, v, d, S0, strict):
