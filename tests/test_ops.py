@@ -477,11 +477,11 @@ def test_delta_core_backward_gradcheck(monkeypatch, C, block, strict, with_state
     recomposed with autograd)."""
     delta_mod = importlib.import_module("seqdsl.ops.delta")
     monkeypatch.setattr(delta_mod, "SOLVE_BLOCK", block)
-    N, n, K, V = 1, 3, 3, 2
-    q_in, k_out = (_randn(N, n, C, K, seed=s).double() for s in (1, 2))
-    P, A = (0.5 * _randn(N, n, C, C, seed=s).double() for s in (3, 4))   # upper parts: noise
-    rhs = _randn(N, n, C, V + K, seed=5).double()
-    gamma = torch.rand(N, n, 1, 1, generator=_gen(6)).double()
+    n, N, K, V = 3, 2, 3, 2                          # (chunk-major: [n, N, ...])
+    q_in, k_out = (_randn(n, N, C, K, seed=s).double() for s in (1, 2))
+    P, A = (0.5 * _randn(n, N, C, C, seed=s).double() for s in (3, 4))   # upper parts: noise
+    rhs = _randn(n, N, C, V + K, seed=5).double()
+    gamma = torch.rand(n, N, 1, 1, generator=_gen(6)).double()
     S0 = _randn(N, K, V, seed=7).double() if with_state else None
     xs = [x.requires_grad_() if x is not None else None
           for x in (q_in, P, A, rhs, k_out, gamma, S0)]

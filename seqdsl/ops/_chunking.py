@@ -3,7 +3,10 @@ sum, and per-chunk activation checkpointing.
 
 Layout convention inside the chunked forms: a sequence tensor ``[B, T, H, *rest]`` becomes
 ``[B, H, n, C, *rest]`` (``n`` chunks of ``C`` steps, time zero-padded at the end), so that
-batched matmuls over the last two dims mix positions within one chunk.
+batched matmuls over the last two dims mix positions within one chunk. With ``chunk_major``
+it becomes ``[n, B, H, C, *rest]`` instead, for a form whose loop over chunks writes each
+chunk's results in place: chunk ``c``'s block ``x[c]`` is then contiguous (an in-place batched
+matmul into a batch-strided slice costs about twice one into a contiguous block).
 """
 
 from __future__ import annotations
@@ -54,10 +57,14 @@ def pad_time(x: Tensor, multiple: int, dim: int = 1, value: float = 0.0) -> Tens
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
-def to_chunks(x: Tensor, chunk: int) -> Tensor:
-    """[B, T, H, *rest] -> [B, H, n, C, *rest], zero-padding T up to n * C."""
+def to_chunks(x: Tensor, chunk: int, chunk_major: bool = False) -> Tensor:
+    """[B, T, H, *rest] -> [B, H, n, C, *rest] (``chunk_major``: [n, B, H, C, *rest]),
+    zero-padding T up to n * C."""
     x = pad_time(x, chunk)
     B, T, H, *rest = x.shape
+    if chunk_major:
+        x = x.reshape(B, T // chunk, chunk, H, math.prod(rest)).permute(1, 0, 3, 2, 4)
+        return x.contiguous().view(T // chunk, B, H, chunk, *rest)
     # one [B, T, H, R] -> [B, H, T, R] transpose copy (faster than the equivalent 5-dim
     # [B, n, C, H] -> [B, H, n, C] copy), then a free view splitting T into n * C
     x = x.reshape(B, T, H, math.prod(rest)).transpose(1, 2).contiguous()  # [B, H, T, R]
@@ -71,26 +78,33 @@ def needs_grad(*xs) -> bool:
         isinstance(x, Tensor) and x.requires_grad for x in xs)
 
 
-def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor, out: Tensor | None = None) -> Tensor:
-    """``to_chunks(x, chunk) * factor`` in one pass: the product is written straight into the
-    chunked layout (the transpose copy and the multiply fused), into ``out`` if given (any
-    strides, e.g. a slice of a larger buffer). ``factor`` broadcasts against
-    ``[B, H, n, C, *rest]``. Under autograd (where ``out=`` is not allowed) the two steps."""
+def to_chunks_scaled(x: Tensor, chunk: int, factor: Tensor, out: Tensor | None = None,
+                     chunk_major: bool = False) -> Tensor:
+    """``to_chunks(x, chunk, chunk_major) * factor`` in one pass: the product is written
+    straight into the chunked layout (the transpose copy and the multiply fused), into ``out``
+    if given (any strides, e.g. a slice of a larger buffer). ``factor`` broadcasts against
+    ``[B, H, n, C, *rest]`` (``[n, B, H, C, *rest]``). Under autograd (where ``out=`` is not
+    allowed) the two steps."""
     if needs_grad(x, factor):
         if out is not None:
             raise ValueError("to_chunks_scaled: no out= under autograd")
-        return to_chunks(x, chunk) * factor
+        return to_chunks(x, chunk, chunk_major) * factor
     x = pad_time(x, chunk)
     B, T, H, *rest = x.shape
-    view = x.view(B, T // chunk, chunk, H, *rest).movedim(3, 1)   # [B, H, n, C, *rest], strided
+    view = x.view(B, T // chunk, chunk, H, *rest)
+    # [B, H, n, C, *rest] or [n, B, H, C, *rest], strided
+    view = view.permute(1, 0, 3, 2, *range(4, view.dim())) if chunk_major else view.movedim(3, 1)
     if out is None:
-        out = torch.empty((B, H, T // chunk, chunk, *rest), dtype=torch.promote_types(
-            x.dtype, factor.dtype), device=x.device)
+        out = torch.empty(view.shape, dtype=torch.promote_types(x.dtype, factor.dtype),
+                          device=x.device)
     return torch.mul(view, factor, out=out)
 
 
-def from_chunks(x: Tensor, length: int) -> Tensor:
-    """[B, H, n, C, *rest] -> [B, T, H, *rest], dropping the padding beyond ``length``."""
+def from_chunks(x: Tensor, length: int, chunk_major: bool = False) -> Tensor:
+    """[B, H, n, C, *rest] (``chunk_major``: [n, B, H, C, *rest]) -> [B, T, H, *rest], dropping
+    the padding beyond ``length``."""
+    if chunk_major:
+        x = x.movedim(0, 2)                               # [B, H, n, C, *rest], strided
     B, H, n, C = x.shape[:4]
     x = x.movedim(1, 3)                                   # [B, n, C, H, *rest]
     return x.reshape(B, n * C, H, *x.shape[4:])[:, :length]
