@@ -209,10 +209,12 @@ def exp_fast(x: Tensor) -> Tensor:
 
 
 #: chunks (``[C, K]`` blocks over batch × heads × time) in one segment of the chunked forms:
-#: 64 blocks of 64 x 64 fp32 are 1 MB per operand, so a segment's temporaries stay in a CPU's
-#: L2/L3 caches from one batched op to the next (measured 3-12% faster than all of T at once
-#: for B·H = 4 at T = 2048 / 8192), and their memory is bounded whatever T
-SEGMENT_CHUNKS = 64
+#: 128 blocks of 64 x 64 fp32 are 2 MB per operand, so a segment's temporaries stay in a CPU's
+#: L3 cache from one batched op to the next, and their memory is bounded whatever T. (Against
+#: 64, once the loops over chunks wrote in place, B·H = 4: 1-26% faster at T = 2048 (the
+#: linear and delta cores 4-14%, Mamba-2's shared q/k 26%), -3 to +15% at T = 8192; 256 lost
+#: up to 11% at T = 8192.)
+SEGMENT_CHUNKS = 128
 #: but never fewer chunks of time per segment than this: with many heads a segment of one or two
 #: chunks costs more in per-call overhead than the cache saves (Mamba-2, 24 heads: 8% slower)
 SEGMENT_MIN_CHUNKS = 8
