@@ -1260,8 +1260,10 @@ def test_factored_decay_with_cu_seqlens():
     assert_close(packed, torch.cat(pieces, 1), torch.float32, "cu_seqlens vs loop")
 
 
-@pytest.mark.parametrize("T", [1, 7, 64, 65, 300])
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 300, 2000])
 def test_blocked_scan_equals_doubling_and_the_loop(T):
+    """Blocks of 8 steps: T = 300 makes 38 block summaries (level 2 a blocked scan itself),
+    T = 2000 250 (three levels)."""
     g = torch.Generator().manual_seed(T)
     a = torch.rand(2, T, 3, 40, generator=g) * 1.5 - 0.25   # signed, some |a| > 1
     b = torch.randn(2, T, 3, 40, generator=g)
@@ -1290,12 +1292,12 @@ def test_blocked_scan_gradients_with_zero_multipliers():
         assert_close(fast, ref, FP64, f"blocked scan d/d{name}")
 
 
-@pytest.mark.parametrize("T", [150, 160])
+@pytest.mark.parametrize("T", [150, 160, 320])
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no h0"])
 @pytest.mark.parametrize("kind", ["real", "complex", "broadcast gate", "zero multipliers"])
 def test_scan_gradients_on_the_blocked_path(kind, with_state, T):
-    """States of 40 entries over T = 150 (a partial last block) or 160 (whole blocks: the
-    scans work in place) take the blocked scan and its hand-written backward (a reverse scan of
+    """States of 40 entries over T = 150 (a partial last block), 160 (whole blocks: the
+    scans work in place) or 320 (40 blocks: level 2 a blocked scan too) take the blocked scan and its hand-written backward (a reverse scan of
     the adjoint): gradients of a, b and the initial state against autograd through the float64
     loop, for a complex recurrence (conjugate multipliers), a gate shared over the last dim (its
     gradient summed) and multipliers with exact zeros (state resets); the inputs unchanged."""

@@ -95,11 +95,25 @@ def blocked_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
         h = torch.addcmul(b[:, :, j], a[:, :, j], h)
         local.append(h)
     local = torch.stack(local, dim=2)                     # [B, n, C, *S], from a zero state
-    ends = associative_scan(prods[:, :, -1], local[:, :, -1], initial_state)   # level 2
+    ends = _level2(prods[:, :, -1], local[:, :, -1], initial_state)
     start = torch.zeros_like(ends[:, :1]) if initial_state is None else initial_state[:, None]
     incoming = torch.cat([start, ends[:, :-1]], dim=1).unsqueeze(2)            # [B, n, 1, *S]
     h = torch.addcmul(local, prods, incoming)
     return h.reshape((B, n * C) + h.shape[3:])[:, :T]
+
+
+#: block summaries above which level 2 of :func:`blocked_scan` is itself a blocked scan (three
+#: levels or more) rather than recursive doubling: doubling makes ``log2 n`` rounds of five
+#: ops over all n summaries (0.46 ms of a 0.93 ms scan over ``[1, 2048, 256]``, n = 256)
+LEVEL2_BLOCKS = 32
+
+
+def _level2(a: Tensor, b: Tensor, initial_state: Tensor | None) -> Tensor:
+    """The states at the ends of the blocks of :func:`blocked_scan` from their summaries
+    ``a, b [B, n, *S]``: recursive doubling for a few blocks, a blocked scan of them for more."""
+    if a.shape[1] > LEVEL2_BLOCKS:
+        return blocked_scan(a, b, initial_state)
+    return associative_scan(a, b, initial_state)
 
 
 def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
@@ -126,13 +140,13 @@ def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
         torch.mul(a[:, :, j], prods[:, :, done], out=prods[:, :, j])
     last = C - 1 - first                                  # a block's summary: its last step
     if reverse:                                           # level 2 over the flipped summaries
-        ends = associative_scan(prods[:, :, last].flip(1), local[:, :, last].flip(1),
+        ends = _level2(prods[:, :, last].flip(1), local[:, :, last].flip(1),
                                 initial_state).flip(1)
         local[:, :-1].addcmul_(prods[:, :-1], ends[:, 1:].unsqueeze(2))
         if initial_state is not None:
             local[:, -1:].addcmul_(prods[:, -1:], initial_state[:, None, None])
     else:                                                 # level 2
-        ends = associative_scan(prods[:, :, last], local[:, :, last], initial_state)
+        ends = _level2(prods[:, :, last], local[:, :, last], initial_state)
         local[:, 1:].addcmul_(prods[:, 1:], ends[:, :-1].unsqueeze(2))
         if initial_state is not None:
             local[:, :1].addcmul_(prods[:, :1], initial_state[:, None, None])
