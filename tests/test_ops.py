@@ -1275,6 +1275,20 @@ def test_blocked_scan_equals_doubling_and_the_loop(T):
     assert_close(doubling, loop.float(), torch.float32, "doubling vs float64 loop")
 
 
+@pytest.mark.parametrize("T, S", [(40, 8), (300, 64)], ids=["doubling", "blocked"])
+def test_scan_outputs_are_contiguous(T, S):
+    """Both paths compute in buffers padded along time (the recursive doubling at the front,
+    the blocked scan up to whole blocks): what `scan` returns for a batch of several is still
+    one contiguous tensor (users `view` outputs)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(3, T, S, generator=g), torch.randn(3, T, S, generator=g)
+    h, final = ops.scan(a, b, output_final_state=True)
+    assert h.is_contiguous()
+    loop, _ = ops.scan_ref(a.double(), b.double())
+    assert_close(h, loop.float(), torch.float32, "scan vs float64 loop")
+    assert_close(final, loop[:, -1].float(), torch.float32, "final state")
+
+
 def test_blocked_scan_gradients_with_zero_multipliers():
     """The block products come from one cumprod: its gradient must survive a = 0 exactly."""
     g = torch.Generator().manual_seed(11)

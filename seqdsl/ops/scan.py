@@ -218,7 +218,9 @@ def scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
         h = _Scan.apply(a, b, h0)
     else:
         h = blocked_scan(a.expand_as(b), b, h0)
-    return h.to(out_dtype), (h[:, -1] if output_final_state else None)
+    # (one tensor even where the blocked scan padded time: a copy only then, for a batch)
+    return (h.to(out_dtype).contiguous(),
+            h[:, -1] if output_final_state else None)
 
 
 class _Scan(torch.autograd.Function):
