@@ -1289,6 +1289,31 @@ def test_scan_outputs_are_contiguous(T, S):
     assert_close(final, loop[:, -1].float(), torch.float32, "final state")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_chunked_outputs_are_contiguous(grad):
+    """A length that is not a multiple of the chunk pads time; for a batch of several the
+    outputs are still contiguous ``[B, T, H, V]`` tensors, with and without autograd."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, K = 2, 70, 2, 8
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+    q, k, v, ph = (draw(B, T, H, K) for _ in range(4))
+    gate = F.logsigmoid(draw(B, T, H) + 3)
+    g_key = F.logsigmoid(draw(B, T, H, K) + 3)
+    beta, k_unit = torch.sigmoid(draw(B, T, H)), F.normalize(draw(B, T, H, K), dim=-1)
+    outs = {"linear": ops.linear(q, k, v)[0], "linear scalar": ops.linear(q, k, v, gate)[0],
+            "linear [K]": ops.linear(q, k, v, g_key)[0],
+            "linear_complex": ops.linear_complex(q, k, v, g_key, ph)[0],
+            "delta": ops.delta(q, k_unit, v, beta, gate)[0],
+            "delta_interleave": ops.delta_interleave(
+                q, F.normalize(draw(B, T, 2, H, K), dim=-1), draw(B, T, 2, H, K),
+                torch.sigmoid(draw(B, T, 2, H)), gate)[0]}
+    for name, o in outs.items():
+        assert o.shape == (B, T, H, K) and o.is_contiguous(), name
+
+
 def test_blocked_scan_gradients_with_zero_multipliers():
     """The block products come from one cumprod: its gradient must survive a = 0 exactly."""
     g = torch.Generator().manual_seed(11)

@@ -106,8 +106,17 @@ def from_chunks(x: Tensor, length: int, chunk_major: bool = False) -> Tensor:
     if chunk_major:
         x = x.movedim(0, 2)                               # [B, H, n, C, *rest], strided
     B, H, n, C = x.shape[:4]
+    rest = x.shape[4:]
     x = x.movedim(1, 3)                                   # [B, n, C, H, *rest]
-    return x.reshape(B, n * C, H, *x.shape[4:])[:, :length]
+    if length == n * C:
+        return x.reshape(B, n * C, H, *rest)
+    # padded: the whole chunks and the part of the last one copied into one contiguous tensor
+    # (slicing the padded copy left a strided view for a batch of several)
+    m = length // C
+    out = x.new_empty(B, length, H, *rest)
+    out[:, :m * C].view(B, m, C, H, *rest).copy_(x[:, :m])
+    out[:, m * C:].copy_(x[:, m, :length - m * C])
+    return out
 
 
 def segsum(x: Tensor) -> Tensor:

@@ -534,7 +534,7 @@ def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     o, S = core(q_seq, k_seq, v_seq, beta_seq, g_seq, scale=default_scale(scale, K),
                 initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=None if cu_seqlens is None else cu_seqlens * n, **extra)
-    return o.reshape(B, T, n, H, V)[:, :, -1], S    # read after the last sub-step
+    return o.reshape(B, T, n, H, V)[:, :, -1].contiguous(), S    # read after the last sub-step
 
 
 def _interleaved_reads(q, k, v, beta, g, steps, scale, initial_state, output_final_state, chunk):
