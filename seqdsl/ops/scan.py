@@ -148,9 +148,9 @@ def _level2(a: Tensor, b: Tensor, initial_state: Tensor | None) -> Tensor:
 def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
                           scratch: bool = False, reverse: bool = False) -> Tensor:
     """:func:`blocked_scan` without autograd, on ``a, b [B, n, C, *S]``: the local states and the
-    running products of ``a`` are written step by step into two preallocated buffers (no
-    ``stack`` copy, and no ``cumprod`` along a strided dim, which is several times slower than
-    the equivalent loop of ``C`` multiplies), and the incoming states are added in place.
+    running products of ``a`` are computed step by step in place over copies of ``b`` and ``a``
+    (no ``stack`` copy, and no ``cumprod`` along a strided dim, which is several times slower
+    than the equivalent loop of ``C`` multiplies), and the incoming states are added in place.
     With ``scratch`` the two buffers are ``b`` and ``a`` themselves. With ``reverse`` the steps
     of a block run from its end, and the blocks from the last (only the ``[B, n, *S]`` block
     summaries are flipped)."""
@@ -159,14 +159,15 @@ def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
     if scratch and b.is_contiguous() and a.is_contiguous():
         local, prods = b, a
     else:
-        local = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-        prods = torch.empty(b.shape, dtype=a.dtype, device=a.device)
-        local[:, :, first] = b[:, :, first]
-        prods[:, :, first] = a[:, :, first]
+        local = b.clone(memory_format=torch.contiguous_format)
+        prods = a.clone(memory_format=torch.contiguous_format)
+    # in place, step j's own slot read first (b_j, a_j) and then overwritten: the method forms
+    # cost about 3 µs less per op than out= into a strided slice (and the two copies above
+    # less than that over the C - 1 steps: 0.78 against 0.85 ms for [1, 2048, 256])
     for j in steps:                                       # level 1: inside every block
         done = j + 1 if reverse else j - 1                # the step already computed
-        torch.addcmul(b[:, :, j], a[:, :, j], local[:, :, done], out=local[:, :, j])
-        torch.mul(a[:, :, j], prods[:, :, done], out=prods[:, :, j])
+        local[:, :, j].addcmul_(prods[:, :, j], local[:, :, done])
+        prods[:, :, j].mul_(prods[:, :, done])
     last = C - 1 - first                                  # a block's summary: its last step
     if reverse:                                           # level 2 over the flipped summaries
         ends = _level2(prods[:, :, last].flip(1), local[:, :, last].flip(1),
