@@ -22,8 +22,8 @@ import math
 import torch
 
 from ._chunking import (LOG2E, compute_dtype, default_scale, exp_fast, from_chunks,
-                        grads_by_recomposition, needs_grad, output_dtype, pad_time, segment_length,
-                        strict_last_step_apart, to_chunks, to_chunks_scaled,
+                        grads_by_recomposition, needs_grad, output_dtype, pad_time,
+                        segment_length, strict_last_step_apart, to_chunks, to_chunks_scaled,
                         within_factor_limit)
 from ._varlen import varlen_call
 from .linear import (_chunked_per_key, _expand_heads, _rows_decayed_nograd, chunked_form,
@@ -316,12 +316,11 @@ def _chunk_angle(phase: Tensor, chunk: int, dtype: torch.dtype, phi: Tensor | No
     return torch.cos(neg, out=cos), torch.sin(neg, out=nsin), phi_end
 
 
-def _wrap(angle: Tensor, out: Tensor | None = None) -> Tensor:
+def _wrap(angle: Tensor) -> Tensor:
     """``angle - 2π·round(angle / 2π)``, into ``[-π, π]`` (~4x cheaper than torch.remainder;
-    differentiable), or written to ``out`` without autograd (e.g. a float32 buffer: the
-    rounding to it fused into the last pass)."""
+    differentiable)."""
     turns = (angle * (1 / (2 * math.pi))).round_()
-    return torch.add(angle, turns, alpha=-2 * math.pi, out=out)
+    return torch.add(angle, turns, alpha=-2 * math.pi)
 
 
 def _cumulative_angle(phase: Tensor, dtype: torch.dtype, chunk: int = 64) -> Tensor:

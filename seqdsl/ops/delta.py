@@ -20,8 +20,8 @@ import torch
 
 from ._chunking import (FACTOR_LIMIT, cast, centred_decay_factors, compute_dtype,
                         decay_factors, decay_matrix, default_scale, from_chunks,
-                        grads_by_recomposition, needs_grad, output_dtype, over_segments, segment_length, strict_last_step_apart,
-                        to_chunks, to_chunks_scaled)
+                        grads_by_recomposition, needs_grad, output_dtype, over_segments,
+                        segment_length, strict_last_step_apart, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -161,8 +161,9 @@ def _delta_chunked(q, k, v, beta, g, S0, chunk, scale=1.0, strict=False, rows=1)
     A = (A.mul_(decay) if not track else A * decay).mul_(bc[..., None]).tril_(-1)
     P = (qc @ kc.mT).tril_()
     P = P.mul_(decay) if not track else P * decay
-    q_in = qc * torch.exp(G)[..., None]
-    kb = kc * (bc * torch.exp(G))[..., None]
+    e_G = torch.exp(G)
+    q_in = qc * e_G[..., None]
+    kb = kc * (bc * e_G)[..., None]
     rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
     k_out = kc * torch.exp((Gd[..., -1:] - Gd).to(q.dtype))[..., None]   # decayed to the chunk end
     o, S = _core(q_in, P, A, rhs, k_out, torch.exp(G[..., -1:])[..., None], S0, strict)

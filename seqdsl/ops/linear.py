@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from ._chunking import (LOG2E, cast, centred_decay_factors, compute_dtype,
                         cumsum_to_end, decay_factors, decay_matrix, default_scale, exp_fast,
-                        from_chunks, grads_by_recomposition, needs_grad, output_dtype, over_segments, segsum,
-                        strict_last_step_apart, sub_chunk_size, to_chunks, to_chunks_scaled,
-                        within_factor_limit)
+                        from_chunks, grads_by_recomposition, needs_grad, output_dtype,
+                        over_segments, segsum, strict_last_step_apart, sub_chunk_size, to_chunks,
+                        to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
 from .scan import blocked_scan
 

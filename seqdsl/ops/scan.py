@@ -171,7 +171,7 @@ def _blocked_scan_inplace(a: Tensor, b: Tensor, initial_state: Tensor | None,
     last = C - 1 - first                                  # a block's summary: its last step
     if reverse:                                           # level 2 over the flipped summaries
         ends = _level2(prods[:, :, last].flip(1), local[:, :, last].flip(1),
-                                initial_state).flip(1)
+                       initial_state).flip(1)
         local[:, :-1].addcmul_(prods[:, :-1], ends[:, 1:].unsqueeze(2))
         if initial_state is not None:
             local[:, -1:].addcmul_(prods[:, -1:], initial_state[:, None, None])
