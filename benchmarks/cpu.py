@@ -190,9 +190,12 @@ def _mixer_only(spec: str, mixer: str, **overrides):
 
 
 def layer_cases(lengths):
-    """(name, T, ours, peer, leaves, module) for every layer comparison: two zero-argument
-    callables, the tensors a training step differentiates (the input and both layers'
-    parameters), and our layer's module (for :func:`projection_time`)."""
+    """(name, T, ours, peer, leaves, module, decays) for every layer comparison: two
+    zero-argument callables, the tensors a training step differentiates (the input and both
+    layers' parameters), our layer's module (for :func:`projection_time`), and how many decay
+    factors ``e^{..}`` the layer's recurrence takes per token (Mamba: one per state entry,
+    ``e^{Δ A}`` of ``[d_inner, d_state]``; Mamba-2: one per head; RG-LRU: one per channel),
+    each an exponential any exact forward evaluates (for :func:`exp_rate`'s floor)."""
     import transformers as tf
     mamba_cfg = tf.MambaConfig(hidden_size=768, state_size=16, expand=2, conv_kernel=4,
                                num_hidden_layers=1, vocab_size=100)
@@ -221,12 +224,14 @@ def layer_cases(lengths):
         pos = torch.arange(T)[None]
         cases += [
             ("Mamba mixer vs MambaMixer (CPU path)", T, ours(ours_mamba, x),
-             lambda x=x: hf_mamba(x), leaves(x, ours_mamba, hf_mamba), ours_mamba),
+             lambda x=x: hf_mamba(x), leaves(x, ours_mamba, hf_mamba), ours_mamba,
+             mamba_cfg.intermediate_size * mamba_cfg.state_size),
             ("Mamba-2 mixer vs Mamba2Mixer (torch path)", T, ours(ours_mamba2, x),
-             lambda x=x: hf_mamba2(x), leaves(x, ours_mamba2, hf_mamba2), ours_mamba2),
+             lambda x=x: hf_mamba2(x), leaves(x, ours_mamba2, hf_mamba2), ours_mamba2,
+             m2_cfg.num_heads),
             ("Griffin RG-LRU mixer vs RecurrentGemma recurrent block", T, ours(ours_rg, xr),
              lambda xr=xr, pos=pos: hf_rg(xr, pos, None, use_cache=False),
-             leaves(xr, ours_rg, hf_rg), ours_rg),
+             leaves(xr, ours_rg, hf_rg), ours_rg, rg_cfg.lru_width),
         ]
     return cases
 
@@ -252,6 +257,23 @@ def projection_time(fn, module, repeats: int = 2) -> float:
             torch.nn.functional.linear(x, m.weight, m.bias)
     with torch.no_grad():
         return min(bench(run, repeats) for _ in range(ROUNDS))
+
+
+def exp_rate(repeats: int = 3) -> float:
+    """The best rate (exponentials per second) of ``torch.exp`` in fp32 on this machine, into
+    a preallocated buffer, over sizes from 16k entries (in cache) to 4M: a floor on the cost
+    of the exponentials a recurrence's decays or a softmax must evaluate, however fused."""
+    best = 0.0
+    for log2n in range(14, 23, 2):
+        x = torch.randn(2 ** log2n)
+        y = torch.empty_like(x)
+        reps = max(1, 2 ** 22 // x.numel())
+
+        def run(x=x, y=y, reps=reps):
+            for _ in range(reps):
+                torch.exp(x, out=y)
+        best = max(best, reps * x.numel() / (bench(run, repeats) / 1e3))
+    return best
 
 
 def attention_floor(T: int, repeats: int = 3) -> tuple[float, float]:
@@ -285,17 +307,19 @@ def measure(lengths, repeats) -> dict:
     layers = layer_cases(lengths)
     with torch.no_grad():
         out["ours"] = {(name, T): min(bench(fn, 2) for _ in range(ROUNDS))
-                       for name, T, fn, _, _, _ in layers}
+                       for name, T, fn, *_ in layers}
     out["roofline"] = {("linear", 2048): roofline(repeats=repeats)}
     out["projections"] = {(name, T): projection_time(fn, module)
-                          for name, T, fn, _, _, module in layers}
+                          for name, T, fn, _, _, module, _ in layers}
     out["attention_floor"] = {("attention", T): attention_floor(T) for T in lengths
                               if T <= 2048}
+    out["exp_rate"] = {("exp", 0): exp_rate(repeats)}
+    out["decays"] = {(name, T): decays for name, T, *_, decays in layers}
     with_ref = [T for T in lengths if T <= 2048]
     out["fwd_ref"] = core_times(with_ref, repeats, references=True)
     with torch.no_grad():
         out["peers"] = {(name, T): min(bench(fn, 1) for _ in range(ROUNDS))
-                        for name, T, _, fn, _, _ in layers}
+                        for name, T, _, fn, *_ in layers}
     out["bwd"] = core_times(lengths[:2], 2, backward=True)
     out["bwd_ref"] = core_times([T for T in lengths[:2] if T <= 2048], 2, backward=True,
                                 references=True)
@@ -304,9 +328,9 @@ def measure(lengths, repeats) -> dict:
     # forward + backward at T = 512
     train = [case for case in layers if case[1] == lengths[0]]
     out["ours_bwd"] = {(name, T): min(bench(fwd_bwd(fn, x), 1) for _ in range(ROUNDS))
-                       for name, T, fn, _, x, _ in train}
+                       for name, T, fn, _, x, *_ in train}
     out["peers_bwd"] = {(name, T): bench(fwd_bwd(fn, x), 2, warmup=0)
-                        for name, T, _, fn, x, _ in train}
+                        for name, T, _, fn, x, *_ in train}
     return out
 
 
@@ -334,8 +358,9 @@ def measure_processes(lengths, repeats, processes: int, quick: bool) -> dict:
             data = json.loads(Path(f.name).read_text())
         for table, rows in data.items():
             # rates: higher is better (the roofline: measured rate and bmm's; the attention
-            # floor: a FLOP count and the best matmul rate)
-            pick = max if table in ("roofline", "attention_floor") else min
+            # floor: a FLOP count and the best matmul rate; the exp rate; the decay counts are
+            # constants)
+            pick = max if table in ("roofline", "attention_floor", "exp_rate") else min
             mine = merged.setdefault(table, {})
             for name, T, value in rows:
                 key, value = (name, int(T)), tuple(value) if isinstance(value, list) else value
@@ -392,13 +417,19 @@ def main():
               "",
               "## Peak memory of each chunked forward beyond its inputs (B=1, H=4, K=V=64)", "",
               *peaks, ""]
+    exps_per_s = m["exp_rate"]["exp", 0]
     for (_, T), (flops, rate) in m["attention_floor"].items():
         floor = flops / rate * 1e3
+        # every causal score is exponentiated once: H·T(T+1)/2 of them
+        exps = cores.H * T * (T + 1) / 2 / exps_per_s * 1e3
         ref = m["fwd_ref"].get(("attention, MQA", T), float("nan"))
         lines.append(f"Floor, `attention` MQA at T={T}: {flops / 1e9:.2f} GFLOP of causal "
                      f"products at the best matmul rate measured ({rate / 1e9:.0f} GFLOP/s) take "
-                     f"{floor:.1f} ms, so no exact forward of these products is more than "
-                     f"{ratio(ref, floor)} faster than the sequential reference.")
+                     f"{floor:.1f} ms, and the softmax's {cores.H * T * (T + 1) // 2 / 1e6:.1f}M "
+                     f"exponentials at the best exp rate measured ({exps_per_s / 1e9:.1f}G/s) "
+                     f"{exps:.2f} ms more, so no exact forward of these products is more than "
+                     f"{ratio(ref, floor)} faster than the sequential reference, nor more than "
+                     f"{ratio(ref, floor + exps)} with its exponentials.")
     lines.append("")
     for title, ours, peers in (("forward", m["ours"], m["peers"]),
                                ("forward + backward", m["ours_bwd"], m["peers_bwd"])):
@@ -407,16 +438,21 @@ def main():
         if forward:
             lines += ["*projections*: the layer's dense `nn.Linear` products alone (the peer runs "
                       "the same ones); *ceiling*: peer / projections, the largest speed-up "
-                      "that any recurrence, however fast, could give.", ""]
+                      "that any recurrence, however fast, could give; *with decays*: peer / "
+                      "(projections + the recurrence's decay exponentials, one per token and "
+                      f"decayed state entry, at the best exp rate measured: "
+                      f"{exps_per_s / 1e9:.1f}G/s), the largest any exact recurrence could "
+                      "give.", ""]
         lines += ["| layer vs peer | T | seqdsl | peer | speed-up |"
-                  + (" projections | ceiling |" if forward else ""),
-                  "|---|---|---|---|---|" + ("---|---|" if forward else "")]
+                  + (" projections | ceiling | with decays |" if forward else ""),
+                  "|---|---|---|---|---|" + ("---|---|---|" if forward else "")]
         for (name, T), fast in ours.items():
             peer = peers[name, T]
             row = f"| {name} | {T} | {fast:.1f} | {peer:.1f} | {peer / fast:.1f}x |"
             if forward:
                 proj = m["projections"][name, T]
-                row += f" {proj:.1f} | {peer / proj:.1f}x |"
+                exps = T * m["decays"][name, T] / exps_per_s * 1e3
+                row += f" {proj:.1f} | {peer / proj:.1f}x | {peer / (proj + exps):.1f}x |"
             lines.append(row)
         lines.append("")
     text = "\n".join(lines)
