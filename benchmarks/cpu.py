@@ -17,7 +17,11 @@ machine):
   torch path, RecurrentGemma's recurrent block), forward, and forward+backward (a training
   step's gradients of the input and every parameter) at the shortest length;
 * peak memory of every core's chunked forward: the rise of the resident high-water mark in a fresh
-  interpreter.
+  interpreter;
+* floors that no implementation on this machine can beat: causal attention's products at the
+  best matmul rate measured and its softmax's exponentials at the best ``torch.exp`` rate; for
+  each layer, its dense projections alone, and those plus one decay exponential per token and
+  decayed state entry.
 
 The script re-executes itself with glibc malloc settings that keep large buffers mapped
 (``STABLE_MALLOC``); page faults from fresh allocations otherwise dominate some rows. It times
