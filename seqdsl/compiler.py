@@ -7,13 +7,14 @@ a half-written package and concurrent compilers of the same spec agree on the re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -51,28 +52,45 @@ def generate(program, backend: str = "torch") -> dict[str, str]:
     }
 
 
-def _write_atomically(files: dict[str, str], target: Path) -> None:
-    """Write into a sibling temporary folder, then rename it to ``target``."""
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``target`` (unique across processes and threads)."""
+    return target.with_name(f".{target.name}-{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_atomically(files: dict[str, str], target: Path, replace: bool = True) -> None:
+    """Write the package into a hidden sibling folder, then rename it to ``target``: a reader
+    never sees a half-written package, and a failure leaves nothing behind.
+
+    ``replace`` False (the compile cache, whose folders are named by a hash of everything that
+    determines their content): a ``target`` already there, written by another process in the
+    meantime, is kept and ours dropped. ``replace`` True (``seqdsl compile -o DIR``): an existing
+    ``target`` is moved aside and replaced; concurrent writers retry until one rename wins
+    (between the two renames a reader may briefly find no ``target``, never a partial one).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = _sibling(target, "new")
+    tmp.mkdir()                                   # (mode from the umask, unlike mkdtemp's 0700)
     try:
         for rel, text in files.items():
             (tmp / rel).write_text(text)
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        for _ in range(1000):
             try:
-                os.replace(tmp, target)
-            except OSError:
-                if not target.exists():  # pragma: no cover - unexpected filesystem failure
+                os.rename(tmp, target)            # fails if target exists and is not empty
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if not replace:
+                return                            # another process wrote the same package
+            old = _sibling(target, "old")
+            try:
+                os.rename(target, old)
+            except FileNotFoundError:             # another writer moved it first: retry
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+        raise OSError(f"could not replace {target}: other processes keep writing it")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)    # (gone already when the rename succeeded)
 
 
 def _generator_fingerprint() -> str:
@@ -133,7 +151,7 @@ def compile(source, *, text: str | None = None, backend: str = "torch", **overri
     key = cache_key(program, backend, overrides)
     folder = _cache_root() / key[:2] / key
     if not (folder / "model.py").exists():
-        _write_atomically(generate(program, backend), folder)
+        _write_atomically(generate(program, backend), folder, replace=False)
     module_name = f"seqdsl_generated_{key[:16]}"
     if module_name in sys.modules:
         return sys.modules[module_name]

@@ -310,6 +310,11 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
     cache: None or (k [B, L, Hkv, K], v [B, L, Hkv, V], seen) with keys already rotated; the
     returned cache keeps the last ``window - 1`` entries for a windowed layer, everything otherwise.
     """
+    if isinstance(cache, PackedCache):
+        raise _unusable(cache)
+    if cache is not None and cu_seqlens is not None:
+        raise ValueError("attention layers cannot continue packed sequences (cu_seqlens) from a "
+                         "state: pass the continuation as a batch [B, T], or one by one")
     seen = 0 if cache is None else cache[2]
     T = q.shape[1]
     if rope_theta is not None:
@@ -339,9 +344,32 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
         k_all = torch.cat([cache[0], k], dim=1)
         v_all = torch.cat([cache[1], v], dim=1)
         o = _attend_with_offset(q, k_all, v_all, window, scale, softcap)
+    if cu_seqlens is not None:
+        return o, PackedCache(len(cu_seqlens) - 1)
     keep = k_all.shape[1] if window is None else min(k_all.shape[1], window - 1)
     new_cache = (k_all[:, k_all.shape[1] - keep:], v_all[:, v_all.shape[1] - keep:], seen + T)
     return o, new_cache
+
+
+class PackedCache:
+    """What an attention layer keeps after a packed (``cu_seqlens``) forward: no KV cache. The
+    recurrent layers return one state per packed sequence, but the attention layers' caches
+    would be ragged (one length per sequence), which the decoding path does not hold; so a
+    state with this in it cannot be continued, and says so instead of attending to the wrong
+    keys."""
+
+    def __init__(self, sequences: int):
+        self.sequences = sequences
+
+    def __repr__(self) -> str:
+        return f"PackedCache(sequences={self.sequences})"
+
+
+def _unusable(cache: PackedCache) -> ValueError:
+    return ValueError(
+        f"this state comes from a packed forward (cu_seqlens, {cache.sequences} sequences): its "
+        "attention layers keep no per-sequence KV cache, so it cannot be continued; run the "
+        "prompts as a batch [B, T] (or one by one) to continue or decode from them")
 
 
 def _attend_with_offset(q, k, v, window, scale, softcap):
@@ -408,15 +436,90 @@ def init_(tensor: torch.Tensor, rule: str, **args) -> torch.Tensor:
     raise ValueError(f"unknown init rule {rule!r}")
 
 
+# ---- the model's inputs ---------------------------------------------------------------------------
+
+
+def check_inputs(input_ids: torch.Tensor, state, cu_seqlens: torch.Tensor | None, vocab: int,
+                 layers: int) -> None:
+    """Validate a model call's arguments up front, with one message each, before any layer
+    runs: token ids ``[B, T]`` of an integer dtype within the vocabulary; ``cu_seqlens`` an
+    integer ``[N + 1]`` rising from 0 to T with batch 1; a state of one entry per layer whose
+    tensors have the batch (or sequence) count first."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be a [B, T] tensor of token ids, got {shape}"
+                         + (" (one sequence: input_ids[None])" if getattr(input_ids, "dim",
+                                                                        lambda: 0)() == 1 else ""))
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
+            or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    B, T = input_ids.shape
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary "
+                             f"[0, {vocab})")
+    batch = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
+                or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool \
+                or len(cu_seqlens) < 2:
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence "
+                             "offsets, from 0 to T")
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T with batch 1, got batch {B}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {T} without "
+                             f"decreasing, got {bounds if len(bounds) <= 12 else bounds[:12]}")
+        batch = len(bounds) - 1
+    if state is None:
+        return
+    if not isinstance(state, (list, tuple)) or len(state) != layers:
+        raise ValueError(f"state must be the list of {layers} per-layer entries a forward "
+                         "returned")
+    what = "cu_seqlens packs" if cu_seqlens is not None else "the input has"
+
+    def walk(entry):
+        if isinstance(entry, torch.Tensor):
+            if entry.dim() and entry.shape[0] != batch:
+                raise ValueError(f"the state is for {entry.shape[0]} sequence(s) but {what} "
+                                 f"{batch}: pass the state a forward over {batch} returned")
+        elif isinstance(entry, dict):
+            for value in entry.values():
+                walk(value)
+        elif isinstance(entry, (list, tuple)):
+            for value in entry:
+                walk(value)
+        elif isinstance(entry, PackedCache):
+            raise _unusable(entry)
+    for entry in state:
+        walk(entry)
+
+
 # ---- generation -----------------------------------------------------------------------------------
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """:meth:`generate`'s arguments, checked before the prompt runs."""
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens}")
+    if not temperature >= 0:   # (also NaN)
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1 (or None: no cut), got {top_k}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else top-k sampling."""
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else top-k sampling.
+    The logits are shifted by their maximum before the division, so a temperature too small
+    for ``logits / temperature`` to stay finite samples the greedy token instead of NaNs."""
+    check_sampling(0, temperature, top_k)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -87,3 +87,43 @@ def test_text_sources_of_the_same_name_are_cached_apart(tmp_path, monkeypatch):
     assert ma is not mb
     assert "layers.0.proj.bias" in mb.Model().state_dict()
     assert "layers.0.proj.bias" not in ma.Model().state_dict()
+
+
+def _write_many(args):
+    from pathlib import Path
+
+    from seqdsl.compiler import _write_atomically
+    root, worker, replace = args
+    for i in range(25):
+        files = {"model.py": f"WORKER, ROUND = {worker}, {i}\n", "pad.txt": "x" * 4096}
+        _write_atomically(files, Path(root) / "pkg", replace=replace)
+    return worker
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["replace (-o DIR)", "keep (cache)"])
+def test_concurrent_writers_never_fail_nor_leave_debris(tmp_path, replace):
+    """Processes writing one package at once (the compile cache under concurrent compiles,
+    `seqdsl compile -o DIR` run twice): every write succeeds, the package ends whole, and no
+    temporary folder is left."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert sorted(pool.map(_write_many, [(str(tmp_path), w, replace) for w in range(4)])) \
+            == [0, 1, 2, 3]
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["model.py", "pad.txt"]
+    assert (tmp_path / "pkg" / "model.py").read_text().startswith("WORKER, ROUND = ")
+    assert len((tmp_path / "pkg" / "pad.txt").read_text()) == 4096
+
+
+def test_written_packages_follow_the_umask(tmp_path):
+    """Not mkdtemp's 0700: a shared cache is readable by whoever the umask allows."""
+    import os
+
+    from seqdsl.compiler import _write_atomically
+    old = os.umask(0o022)
+    try:
+        _write_atomically({"model.py": "\n"}, tmp_path / "pkg")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "pkg").stat().st_mode & 0o777 == 0o755

@@ -98,3 +98,16 @@ def test_partial_rotary_leaves_the_other_dims_alone():
     y = rt._rope(x, pos, 10000.0, dims=4)
     assert torch.equal(y[..., 4:], x[..., 4:])
     assert_close(y[..., :4], ops.apply_rope(x[..., :4], 10000.0, pos), torch.float32, "rotated half")
+
+
+def test_sampling_checks_its_arguments_and_survives_tiny_temperatures():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 5.0]])
+    for bad in ({"temperature": -1.0}, {"temperature": float("nan")}, {"top_k": 0},
+                {"top_k": -2}, {"top_k": 1.5}):
+        args = {"temperature": 1.0, "top_k": None, **bad}
+        with pytest.raises(ValueError):
+            rt.sample(logits, args["temperature"], args["top_k"])
+    # logits / 1e-45 overflow; shifted by their maximum first, the greedy token comes out
+    assert rt.sample(logits, 1e-45, None).tolist() == [1, 2]
+    assert rt.sample(logits, 0.0, None).tolist() == [1, 2]
+    assert rt.sample(logits, 1.0, 1).tolist() == [1, 2]

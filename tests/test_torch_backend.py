@@ -98,6 +98,83 @@ def test_generate(compiled):
     assert torch.equal(out, again)
     sampled = model.generate(ids, 3, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 7)
+    assert torch.equal(model.generate(ids, 0), ids)   # nothing new, the prompt back
+
+
+def _has_attention(program) -> bool:
+    return any(st.kind == "kv" for layer in program.layers
+               for st in program.blocks[layer.instance].states)
+
+
+def test_packed_forward_state_continues_or_says_why_not(compiled):
+    """After a packed forward, each sequence's state continues it exactly (step() equals the
+    unpacked forward over the sequence and its next token); a spec with attention layers,
+    whose KV caches would be ragged, refuses with a clear error instead."""
+    _, _, model, program = compiled
+    lengths = [5, 9, 3]
+    ids = _ids(model, B=1, T=sum(lengths) + 3)
+    cu = torch.tensor([0, 5, 14, 17])
+    _, state = model(ids[:, :17], cu_seqlens=cu)
+    nxt = ids[0, 17:]
+    if _has_attention(program):
+        with pytest.raises(ValueError, match="packed forward"):
+            model.step(nxt, state)
+        return
+    stepped, _ = model.step(nxt, state)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        alone, _ = model(torch.cat([ids[:, a:b], nxt[None, i:i + 1]], dim=1))
+        assert_close(stepped[i], alone[0, -1], torch.float32, f"sequence {i}: packed + step")
+
+
+def test_empty_input_gives_empty_logits_and_keeps_the_state(compiled):
+    _, _, model, _ = compiled
+    ids = _ids(model, B=2, T=4)
+    logits, state = model(ids[:, :0])
+    assert logits.shape == (2, 0, model.embed.num_embeddings) and state is None
+    _, state = model(ids)
+    logits, again = model(ids[:, :0], state)
+    assert logits.shape == (2, 0, model.embed.num_embeddings) and again is state
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one-dim", "must be a \\[B, T\\] tensor"),
+    ("float ids", "integer token ids"),
+    ("outside vocab", "outside the vocabulary"),
+    ("cu_seqlens from 2", "rise from 0"),
+    ("cu_seqlens decreasing", "rise from 0"),
+    ("cu_seqlens short", "rise from 0"),
+    ("cu_seqlens float", "integer tensor"),
+    ("cu_seqlens with batch 2", "batch 1"),
+    ("state of another batch", "state is for 2 sequence"),
+    ("step of [B, 1]", "one token per sequence"),
+    ("negative max_new_tokens", "max_new_tokens"),
+    ("negative temperature", "temperature"),
+    ("top_k 0", "top_k"),
+])
+def test_bad_calls_get_one_clear_error_before_any_layer(compiled, case, message):
+    """Every spec rejects the same mistakes with the same message (checked up front, not by
+    whichever layer trips first, and never silently broadcast)."""
+    _, _, model, _ = compiled
+    vocab = model.embed.num_embeddings
+    ids = _ids(model, B=1, T=8)
+    calls = {
+        "one-dim": lambda: model(ids[0]),
+        "float ids": lambda: model(ids.float()),
+        "outside vocab": lambda: model(ids + vocab),
+        "cu_seqlens from 2": lambda: model(ids, cu_seqlens=torch.tensor([2, 5, 8])),
+        "cu_seqlens decreasing": lambda: model(ids, cu_seqlens=torch.tensor([0, 6, 5, 8])),
+        "cu_seqlens short": lambda: model(ids, cu_seqlens=torch.tensor([0, 5, 7])),
+        "cu_seqlens float": lambda: model(ids, cu_seqlens=torch.tensor([0.0, 5.0, 8.0])),
+        "cu_seqlens with batch 2": lambda: model(ids.expand(2, -1),
+                                                 cu_seqlens=torch.tensor([0, 8])),
+        "state of another batch": lambda: model.step(ids[0, :3], model(ids.expand(2, -1))[1]),
+        "step of [B, 1]": lambda: model.step(ids[:, :1], None),
+        "negative max_new_tokens": lambda: model.generate(ids, -1),
+        "negative temperature": lambda: model.generate(ids, 2, temperature=-1.0),
+        "top_k 0": lambda: model.generate(ids, 2, top_k=0),
+    }
+    with pytest.raises(ValueError, match=message):
+        calls[case]()
 
 
 def test_bf16_forward_backward(compiled):
@@ -109,6 +186,9 @@ def test_bf16_forward_backward(compiled):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     logits.float().pow(2).mean().backward()
     assert all(torch.isfinite(p.grad.float()).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():   # the sequential reference path takes bf16 parameters too
+        ref, _ = model(ids, reference=True)
+    assert ref.dtype == torch.bfloat16 and torch.isfinite(ref.float()).all()
 
 
 def test_parameter_count_and_state_size_match_info(compiled):

@@ -36,7 +36,8 @@ def linear_complex_ref(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, p
                        scale: float | None = None, initial_state: Tensor | None = None,
                        output_final_state: bool = False, cu_seqlens: Tensor | None = None):
     """Direct complex recurrence (the sequential :func:`linear_ref` on complex numbers)."""
-    o, S = linear_ref(q, k, v, torch.complex(log_magnitude, phase), scale=scale,
+    real = compute_dtype(q.real, k.real, v, log_magnitude, phase)   # (no bf16 complex)
+    o, S = linear_ref(q, k, v, torch.complex(log_magnitude.to(real), phase.to(real)), scale=scale,
                       initial_state=initial_state, output_final_state=output_final_state,
                       cu_seqlens=cu_seqlens)
     return o.real.to(_real_dtype(q, k, v)), S
