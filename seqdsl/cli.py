@@ -71,10 +71,11 @@ def cmd_check(args) -> int:
             continue
         total += time.perf_counter() - start
         if program.spec.model is None:
-            print(f"{path}: ok (library: {len(program.spec.definitions)} definitions)")
+            print(f"{path}: ok (library: {_count(len(program.spec.definitions), 'definition')})")
         else:
             info = model_info(program)
-            print(f"{path}: ok ({len(program.layers)} layers, {human(info.total_params)} parameters)")
+            print(f"{path}: ok ({_count(len(program.layers), 'layer')}, "
+                  f"{human(info.total_params)} parameters)")
     if args.time:
         print(f"compiler time: {total * 1000:.1f} ms for {len(args.files)} file(s)")
     return 1 if failed else 0
@@ -297,7 +298,7 @@ def cmd_import_hf(args) -> int:
                 sys.stdout.write(text)
                 return 0
             _write_atomically(args.output, text.encode())
-            print(f"wrote {args.output} ({len(program.layers)} layers, from {args.config})")
+            print(f"wrote {args.output} ({_count(len(program.layers), 'layer')}, from {args.config})")
             return 0
         import torch
 
@@ -325,6 +326,29 @@ def cmd_import_hf(args) -> int:
     print(f"wrote {out / spec_name} and {out / 'state_dict.pt'} ({len(ours)} tensors); load with "
           f"seqdsl.compile({str(out / spec_name)!r}).Model().load_state_dict(torch.load(...))")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = _natural(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _natural(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "all computed from the IR.", epilog=EPILOG)
     p.add_argument("file", metavar="FILE")
     add_set(p)
-    p.add_argument("--context", type=int, default=2048, metavar="T",
+    p.add_argument("--context", type=_positive, default=2048, metavar="T",
                    help="context length for attention FLOPs (default 2048)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="activation dtype for conv tails and KV caches (default bfloat16)")
@@ -432,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", nargs="?", default="mamba",
                    help="a .seq file or the name of a bundled spec (default: mamba)")
     add_set(p)
-    p.add_argument("--prompt", type=int, default=32, metavar="T", help="prompt length (default 32)")
-    p.add_argument("--new-tokens", type=int, default=16, metavar="N",
+    p.add_argument("--prompt", type=_positive, default=32, metavar="T",
+                   help="prompt length (default 32)")
+    p.add_argument("--new-tokens", type=_natural, default=16, metavar="N",
                    help="tokens to generate (default 16)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -467,6 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `seqdsl info ... | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:   # an output path that cannot be written, an unreadable input
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"seqdsl {args.command}: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,16 +74,27 @@ def check(spec_path, folder=None) -> GoldenResult:
     import torch
 
     target = golden_path(spec_path, folder)
-    if not target.exists():
+    if not target.is_file():
+        import seqdsl
+        seqdsl.load(spec_path)            # a spec error first: it is what needs fixing
         return GoldenResult(target, False, float("nan"), float("nan"),
                             f"no golden file {target}; record one with --update")
-    data = json.loads(target.read_text())
-    ids = torch.tensor(data["input_ids"])
-    ids2, logits = _compute(spec_path, data["overrides"], data["seed"], *ids.shape)
+    try:
+        data = json.loads(target.read_text())
+        ids = torch.tensor(data["input_ids"], dtype=torch.long)
+        overrides, seed = dict(data["overrides"]), int(data["seed"])
+        expected = torch.tensor(data["logits"]).reshape(data["logits_shape"])
+        if ids.dim() != 2:
+            raise ValueError("input_ids is not a [batch, length] table")
+    except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as exc:
+        what = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        return GoldenResult(target, False, float("nan"), float("nan"),
+                            f"{target} is not a golden file of this format ({what}); "
+                            "record it again with --update")
+    ids2, logits = _compute(spec_path, overrides, seed, *ids.shape)
     if not torch.equal(ids, ids2):
         return GoldenResult(target, False, float("nan"), float("nan"),
                             "the fixed input differs: the random generator changed")
-    expected = torch.tensor(data["logits"]).reshape(data["logits_shape"])
     if tuple(logits.shape) != tuple(expected.shape):
         return GoldenResult(target, False, float("nan"), float("nan"),
                             f"logits shape {tuple(logits.shape)} != golden {tuple(expected.shape)}")

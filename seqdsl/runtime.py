@@ -160,8 +160,14 @@ def lift(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x.reshape(x.shape[:2] + (1,) * missing + x.shape[2:])
 
 
-def along_time(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A time-invariant value (a parameter, a constant) broadcast to [B, T, *shape]."""
+def along_time(x: torch.Tensor | float, like: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """A time-invariant value (a parameter, a constant) broadcast to [B, T, *shape]; with
+    ``rank``, leading singleton dims first make it ``rank`` per-token dims (a scalar against a
+    [B, T, D] operand becomes [B, T, 1])."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.tensor(x, dtype=like.dtype, device=like.device)
+    if rank is not None and x.dim() < rank:
+        x = x.reshape((1,) * (rank - x.dim()) + tuple(x.shape))
     return x.expand(like.shape[:2] + tuple(x.shape))
 
 
@@ -307,25 +313,30 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
     """Causal (windowed, GQA) attention that appends to a KV cache; RoPE on the first
     ``rope_dims`` dims of each head (all when None).
 
-    cache: None or (k [B, L, Hkv, K], v [B, L, Hkv, V], seen) with keys already rotated; the
-    returned cache keeps the last ``window - 1`` entries for a windowed layer, everything otherwise.
+    cache: None or ``(k [B, L, Hkv, K], v [B, L, Hkv, V], seen)`` with keys already rotated,
+    ``seen`` the tokens each row has seen: an int, or a LongTensor ``[B]`` when the rows differ
+    (the caches a packed forward returns, one row per sequence), each row's entries then the
+    last ``min(seen_b, L)`` of its row (left padding before them). The returned cache keeps the
+    last ``window - 1`` entries of each row for a windowed layer, everything otherwise.
     """
-    if isinstance(cache, PackedCache):
-        raise _unusable(cache)
     if cache is not None and cu_seqlens is not None:
         raise ValueError("attention layers cannot continue packed sequences (cu_seqlens) from a "
                          "state: pass the continuation as a batch [B, T], or one by one")
     seen = 0 if cache is None else cache[2]
+    ragged = isinstance(seen, torch.Tensor)
     T = q.shape[1]
     if rope_theta is not None:
         if cu_seqlens is not None:
             pos = torch.cat([torch.arange(b - a, device=q.device) for a, b in
                              zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())])
+        elif ragged:                                             # a position per row: [B, T]
+            pos = seen.to(q.device)[:, None] + torch.arange(T, device=q.device)
         else:
             pos = torch.arange(seen, seen + T, device=q.device)
         q, k = _rope(q, pos, rope_theta, rope_dims), _rope(k, pos, rope_theta, rope_dims)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if _triton(kernel, run, q) and (cache is None or cu_seqlens is not None or not differentiable):
+    if _triton(kernel, run, q) and not ragged and (cache is None or cu_seqlens is not None
+                                                   or not differentiable):
         if cache is None or cu_seqlens is not None:
             o = kernel.triton(q, k, v, cu_seqlens=cu_seqlens)
             k_all, v_all = k, v
@@ -343,37 +354,39 @@ def attention(q, k, v, cache, window, scale, softcap, rope_theta, cu_seqlens, ru
     else:
         k_all = torch.cat([cache[0], k], dim=1)
         v_all = torch.cat([cache[1], v], dim=1)
-        o = _attend_with_offset(q, k_all, v_all, window, scale, softcap)
+        # each row's own entries: those of its cache (at most the cache's length) and the new T
+        valid = torch.clamp(seen.to(q.device), max=cache[0].shape[1]) + T if ragged else None
+        o = _attend_with_offset(q, k_all, v_all, window, scale, softcap, valid)
     if cu_seqlens is not None:
-        return o, PackedCache(len(cu_seqlens) - 1)
+        return o, _per_sequence_cache(k, v, cu_seqlens, window)
     keep = k_all.shape[1] if window is None else min(k_all.shape[1], window - 1)
     new_cache = (k_all[:, k_all.shape[1] - keep:], v_all[:, v_all.shape[1] - keep:], seen + T)
     return o, new_cache
 
 
-class PackedCache:
-    """What an attention layer keeps after a packed (``cu_seqlens``) forward: no KV cache. The
-    recurrent layers return one state per packed sequence, but the attention layers' caches
-    would be ragged (one length per sequence), which the decoding path does not hold; so a
-    state with this in it cannot be continued, and says so instead of attending to the wrong
-    keys."""
+def _per_sequence_cache(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                        window: int | None):
+    """The KV caches of the sequences packed in ``k, v [1, T, Hkv, *]``: one row each, the last
+    ``window - 1`` (or all) of its keys at the row's end, zeros before them, and the lengths as
+    ``seen`` (an int when they all agree: then it is the cache a batch forward returns)."""
+    bounds = cu_seqlens.tolist()
+    spans = [(max(a, b - (window - 1)) if window is not None else a, b)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    L = max(b - a for a, b in spans)
+    out = []
+    for x in (k, v):
+        rows = x.new_zeros(len(spans), L, *x.shape[2:])
+        for i, (a, b) in enumerate(spans):
+            rows[i, L - (b - a):] = x[0, a:b]
+        out.append(rows)
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    seen = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=k.device)
+    return out[0], out[1], seen
 
-    def __init__(self, sequences: int):
-        self.sequences = sequences
 
-    def __repr__(self) -> str:
-        return f"PackedCache(sequences={self.sequences})"
-
-
-def _unusable(cache: PackedCache) -> ValueError:
-    return ValueError(
-        f"this state comes from a packed forward (cu_seqlens, {cache.sequences} sequences): its "
-        "attention layers keep no per-sequence KV cache, so it cannot be continued; run the "
-        "prompts as a batch [B, T] (or one by one) to continue or decode from them")
-
-
-def _attend_with_offset(q, k, v, window, scale, softcap):
-    """Queries are the last T positions of the L keys (a continuation after a cache)."""
+def _attend_with_offset(q, k, v, window, scale, softcap, valid=None):
+    """Queries are the last T positions of the L keys (a continuation after a cache); with
+    ``valid [B]``, only the last ``valid_b`` keys of row b are its own (the rest padding)."""
     B, T, H, K = q.shape
     L, Hkv = k.shape[1], k.shape[2]
     scale = K ** -0.5 if scale is None else scale
@@ -387,6 +400,8 @@ def _attend_with_offset(q, k, v, window, scale, softcap):
     mask = kpos <= qpos
     if window is not None:
         mask &= kpos > qpos - window
+    if valid is not None:                                           # [B, 1, T, L]
+        mask = mask & (kpos >= L - valid[:, None])[:, None, None, :]
     scores = scores.masked_fill(~mask, float("-inf"))
     o = torch.einsum("bhtl,blhv->bthv", scores.softmax(-1), v.float())
     return o.to(q.dtype)
@@ -491,8 +506,6 @@ def check_inputs(input_ids: torch.Tensor, state, cu_seqlens: torch.Tensor | None
         elif isinstance(entry, (list, tuple)):
             for value in entry:
                 walk(value)
-        elif isinstance(entry, PackedCache):
-            raise _unusable(entry)
     for entry in state:
         walk(entry)
 

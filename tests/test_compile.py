@@ -127,3 +127,92 @@ def test_written_packages_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "pkg").stat().st_mode & 0o777 == 0o755
+
+
+def test_compile_replaces_only_what_seqdsl_wrote(tmp_path, capsys):
+    """`-o DIR` never deletes a user's folder that happens to carry the model's name, nor a file."""
+    spec_dir = tmp_path / "mamba"
+    spec_dir.mkdir()
+    (spec_dir / "NOTES.md").write_text("mine\n")
+    assert main(["compile", str(SPECS / "mamba.seq"), "-o", str(tmp_path), *TINY]) == 1
+    assert "was not written by seqdsl: not replacing it" in capsys.readouterr().err
+    assert [p.name for p in spec_dir.iterdir()] == ["NOTES.md"]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mamba").write_text("a file\n")
+    assert main(["compile", str(SPECS / "mamba.seq"), "-o", str(tmp_path / "x"), *TINY]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    empty = tmp_path / "y" / "mamba"
+    empty.mkdir(parents=True)     # an empty folder of that name is fine to fill
+    assert main(["compile", str(SPECS / "mamba.seq"), "-o", str(tmp_path / "y"), *TINY]) == 0
+
+
+def test_unwritable_output_is_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["compile", str(SPECS / "mamba.seq"), "-o", str(tmp_path / "afile"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("seqdsl compile: ") and "Traceback" not in err
+
+
+def test_a_model_named_like_an_installed_module_is_refused(tmp_path, capsys):
+    spec = tmp_path / "t.seq"
+    spec.write_text("model torch(vocab = 10, d = 8) { layers = [b] }\nblock b { x = x + x }\n")
+    assert main(["compile", str(spec), "-o", str(tmp_path / "out")]) == 1
+    assert "t.seq:1:7: error: a package named 'torch' would clash" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "torch").exists()
+
+
+def test_odd_file_names_stay_out_of_the_generated_code(tmp_path):
+    """Quotes, backslashes and newlines in a spec's file name are escaped in the comments and
+    docstrings that name it; the overrides appear in the regenerate line."""
+    import ast
+
+    name = 'a"""b\\c\nd.seq'
+    (tmp_path / name).write_text((SPECS / "mamba.seq").read_text())
+    from seqdsl.compiler import compile_to_dir
+    target = compile_to_dir(tmp_path / name, tmp_path / "out", vocab=50, d=16, depth=2)
+    text = (target / "model.py").read_text()
+    ast.parse(text)
+    ast.parse((target / "__init__.py").read_text())
+    assert text.splitlines()[1] == ("# Regenerate with: seqdsl compile "
+                                    "'a\\\"\\\"\\\"b\\\\c\\nd.seq' --set d=16 --set depth=2 "
+                                    "--set vocab=50")
+    assert '"""b' not in text
+
+
+def test_a_constant_scan_multiplier_runs():
+    text = ("model m(vocab = 20, d = 8) { layers = [b] }\nblock b { x = x + f(x) }\n"
+            "mixer f { return scan(a = 0.5, b = proj(x, d)) }\n")
+    model = seqdsl.compile("const_scan.seq", text=text).Model()
+    ids = torch.randint(0, 20, (2, 5))
+    fast, _ = model(ids)
+    ref, _ = model(ids, reference=True)
+    assert torch.allclose(fast, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("args", [["--prompt", "0"], ["--prompt", "-3"], ["--new-tokens", "-1"]])
+def test_demo_checks_its_numbers(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", str(SPECS / "mamba.seq"), *args])
+    assert exit_.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_a_json_object_is_an_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[]")
+    assert main(["import", "hf", str(tmp_path / "config.json")]) == 1
+    assert "not a transformers config: a JSON list" in capsys.readouterr().err
+
+
+def test_a_whole_model_pickles_into_a_fresh_process(tmp_path):
+    """Generated modules have importable names (seqdsl.generated.m<key>.model), so
+    torch.save(model) loads in another process from the compile cache."""
+    module = seqdsl.compile(SPECS / "mamba.seq", vocab=50, d=16, depth=2)
+    assert module.__name__.startswith("seqdsl.generated.m")
+    torch.manual_seed(0)
+    model = module.Model().eval()
+    ids = torch.randint(0, 50, (1, 5))
+    torch.save({"model": model, "ids": ids, "logits": model(ids)[0].detach()},
+               tmp_path / "whole.pt")
+    code = ("import torch; d = torch.load(r'%s', weights_only=False); "
+            "print(torch.equal(d['model'](d['ids'])[0], d['logits']))" % (tmp_path / "whole.pt"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr

@@ -772,6 +772,42 @@ CASES = {
     "init-rule-low-above-high": Case(HEADER + spec("""
         block b { x = x + conv1d(x, 4, init = uniform(1, 0)) }
         """), 4, 39, "init rule uniform(low=1, high=0): low must not exceed high"),
+    "init-rule-negative-std": Case(HEADER + spec("""
+        block b { x = x + proj(x, d, init = normal(std = -1)) }
+        """), 4, 37, "init rule normal(std=-1): std must be >= 0, got -1"),
+    "init-rule-negative-gain": Case(HEADER + spec("""
+        block b { x = x + proj(x, d, init = xavier(gain = -0.5)) }
+        """), 4, 37, "init rule xavier(gain=-0.5): gain must be >= 0, got -0.5"),
+    "block-argument-of-the-wrong-type": Case(spec("""
+        model m(vocab = 100, d = 16) {
+          layers = [b(w = "a")]
+        }
+        block b(w = 2) { x = x + proj(x, d) * w }
+        """), 2, 13, "the right operand must be a tensor, got string"),
+    "logic-on-a-mixer-input": Case(HEADER + spec("""
+        block b { x = x + f(rmsnorm(x)) }
+        mixer f { return proj(x, d) * (x == x) }
+        """), 5, 34, "an operand of '==' must be a compile-time constant, got a tensor [d=16]"),
+    # ---- numbers generated code cannot hold ------------------------------------------------
+    "number-too-large": Case(HEADER + spec("""
+        block b { x = x + x * 1e999 }
+        """), 4, 23, "the number 1e999 is too large for a float64",
+        "numbers must stay within ±1.8e308"),
+    "number-underflows": Case(HEADER + spec("""
+        block b { x = x + x * 1e-999 }
+        """), 4, 23, "the number 1e-999 is too small for a float64: it would be 0",
+        "nonzero numbers must be at least about 4.9e-324 in size"),
+    "integer-beyond-64-bits": Case(HEADER + spec("""
+        block b { x = x + x * 99999999999999999999 }
+        """), 4, 23, "does not fit in 64 bits", partial=True),
+    "arithmetic-overflows-to-inf": Case(HEADER + spec("""
+        block b { x = x + x * (1e308 * 10) }
+        """), 4, 30, "the result of this constant arithmetic is not a finite number (inf)",
+        "numbers must stay within ±1.8e308 (a float64)"),
+    "integer-power-beyond-64-bits": Case(HEADER + spec("""
+        block b { x = x + proj(x, d, init = constant(2 ** 200)) }
+        """), 4, 48, "the result of this constant arithmetic does not fit in 64 bits",
+        partial=True),
 }
 
 
@@ -821,6 +857,14 @@ OVERRIDES = {
     "unknown-definition": ({"g.expand": 3}, "--set g.expand=3", "unknown definition 'g'", None),
     "definition-override-type": ({"f.expand": "wide"}, "--set f.expand='wide'",
                                  "hyper-parameter 'f.expand' is an int, got string 'wide'", None),
+    "width-beyond-64-bits": ({"d": 2 ** 70}, f"--set d={2 ** 70}",
+                             f"hyper-parameter 'd' does not fit in 64 bits ({2 ** 70:.3g})",
+                             "integers must stay within ±9223372036854775807 (an int64)"),
+    "infinite-float": ({"f.expand": float("inf")}, "--set f.expand=inf",
+                       "hyper-parameter 'f.expand' is not a finite number (inf)",
+                       "numbers must stay within ±1.8e308 (a float64)"),
+    "none-for-int": ({"d": "none"}, "--set d=None", "hyper-parameter 'd' is an int, got none",
+                     None),
     "malformed-literal": ({"d": "[1"}, "--set d", "unexpected end of file; expected ',', ']', "
                           "'for'", "the '[' at line 1, column 1 is not closed"),
 }
@@ -974,3 +1018,18 @@ def test_first_is_not_allowed_in_a_shared_value(tmp_path):
     d = info.value.first
     assert (d.span.line, d.span.col) == (2, 14)
     assert d.message.startswith("first() varies from token to token")
+
+
+def test_an_error_inside_the_standard_library_names_the_call(tmp_path, monkeypatch):
+    """A mistake that only shows inside an imported definition (GQA heads that do not divide)
+    is reported where it fails, with a hint naming the user's call that led there."""
+    src = spec("""
+        import "std/attention.seq"
+        model m(vocab = 100, d = 16) { layers = [b] }
+        block b { x = x + attn(rmsnorm(x), heads = 2, kv_heads = 3) }
+        """)
+    with pytest.raises(SpecError) as info:
+        compile_files(tmp_path, monkeypatch, src)
+    first = info.value.first
+    assert first.span.path.endswith("attention.seq") and "multiple of" in first.message
+    assert first.hint == "in the call of 'attn' at main.seq:3:19", info.value.render()

@@ -605,6 +605,26 @@ def test_delta_strong_gate_gradient(rate):
     assert_close(grad, gold, FP32, f"delta: gate gradient at ~-{rate}/step")
 
 
+@pytest.mark.parametrize("gate", [-20.0, -25.0, -30.0])
+def test_delta_gate_gradient_on_the_decay_matrix_path(gate):
+    """A constant gate this strong takes the decay-matrix form; its gradient (loss on the
+    output only, so it is ~e^{gate}) was 7e-4 off at -25/step and 0.18 at -30 while the
+    decay matrix's diagonal e^{G_i - G_i} = 1 carried a gradient that cancels only to rounding."""
+    B, T, H, K, V = 1, 16, 1, 16, 8
+    q, v = _randn(B, T, H, K, seed=1), _randn(B, T, H, V, seed=3)
+    k = F.normalize(_randn(B, T, H, K, seed=2), dim=-1)
+    beta = 2 * torch.rand(B, T, H, generator=_gen(4))
+    w = _randn(B, T, H, V, seed=5).double()
+
+    def grad(fn, dtype, **kw):
+        g = torch.full((B, T, H), gate, dtype=dtype, requires_grad=True)
+        o, _ = fn(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g, **kw)
+        return torch.autograd.grad((o.double() * w).sum(), g)[0]
+
+    assert_close(grad(ops.delta, torch.float32, chunk_size=16),
+                 grad(ops.delta_ref, torch.float64), FP32, f"delta: gate gradient at {gate}/step")
+
+
 @pytest.mark.parametrize("rate", [0.2, 0.5, 3.0, 8.0])
 def test_complex_strong_decay_phase_gradient(rate):
     """linear_complex's phase gradient under strong decays against the float64 loop (loss on
@@ -1424,3 +1444,55 @@ def test_linear_shared_qk_heads_must_divide_value_heads():
     x = _qkv(10, 0, H=3)
     with pytest.raises(ValueError, match="divide"):
         ops.linear(x["q"][:, :, :2], x["k"][:, :, :2], x["v"])
+
+
+@pytest.mark.parametrize("complex_qk", [True, False], ids=["complex q/k", "real q/k"])
+@pytest.mark.parametrize("rate", [0.1, 3.0], ids=["within the factor limit", "beyond"])
+def test_complex_grouped_qk_heads(complex_qk, rate):
+    """q/k shared by groups of value heads (1 < Hq < H), complex or real, on the lowered
+    (rotated) form, against the float64 loop: the rotation's per-value-head angles need the
+    q/k heads repeated (complex q/k used to fail to broadcast)."""
+    B, T, H, Hq, K, V = 1, 70, 4, 2, 8, 8
+    q, k = (_randn(B, T, Hq, K, seed=s) for s in (1, 2))
+    if complex_qk:
+        q, k = (torch.complex(x, _randn(B, T, Hq, K, seed=s)) for x, s in ((q, 7), (k, 8)))
+    v = _randn(B, T, H, V, seed=3)
+    lm = -rate * torch.rand(B, T, H, K, generator=_gen(4))
+    phase = _randn(B, T, H, K, seed=6)
+    o, _ = ops.linear_complex(q, k, v, lm, phase, chunk_size=16)
+    gold, _ = ops.linear_complex_ref(*_cast(dict(q=q, k=k, v=v, log_magnitude=lm,
+                                                 phase=phase)).values())
+    assert_close(o, gold, FP32, "linear_complex, grouped q/k heads")
+
+
+def test_no_time_steps_give_an_empty_output_and_the_initial_state():
+    """T = 0 (an empty prompt, an empty batch of packed sequences): every core returns an empty
+    output in the output dtype and, as final state, its initial state (zeros without one)."""
+    B, H, Kd, Vd = 2, 2, 4, 3
+    q, k = torch.randn(B, 0, H, Kd), torch.randn(B, 0, H, Kd)
+    v = torch.randn(B, 0, H, Vd, dtype=torch.bfloat16)
+    S0 = torch.randn(B, H, Kd, Vd)
+    gk, beta = torch.zeros(B, 0, H, Kd), torch.rand(B, 0, H)
+    calls = {
+        "linear": lambda f, **kw: f(q, k, v, gk, **kw),
+        "delta": lambda f, **kw: f(q, k, v, beta, **kw),
+        "linear_complex": lambda f, **kw: f(q, k, v, gk, gk, **kw),
+    }
+    for name, call in calls.items():
+        for fn in (getattr(ops, name), getattr(ops, name + "_ref")):
+            o, S = call(fn, initial_state=S0 if name != "linear_complex" else None,
+                        output_final_state=True)
+            assert o.shape == (B, 0, H, Vd) and o.dtype == torch.float32, name
+            assert S.shape == (B, H, Kd, Vd), name
+            if name == "linear_complex":
+                assert S.dtype == torch.complex64 and not S.abs().any()
+            else:
+                assert torch.equal(S, S0) and S is not S0
+    for fn in (ops.scan, ops.scan_ref):
+        o, S = fn(torch.rand(B, 0, 5), torch.randn(B, 0, 5), output_final_state=True)
+        assert o.shape == (B, 0, 5) and S.shape == (B, 5) and not S.any()
+    for fn in (ops.attention, ops.attention_ref):
+        assert fn(q, k, v).shape == (B, 0, H, Vd)
+    o, S = ops.linear(q[:1], k[:1], v[:1], cu_seqlens=torch.tensor([0, 0, 0]),
+                      output_final_state=True)
+    assert o.shape == (1, 0, H, Vd) and S.shape == (2, H, Kd, Vd)

@@ -101,29 +101,24 @@ def test_generate(compiled):
     assert torch.equal(model.generate(ids, 0), ids)   # nothing new, the prompt back
 
 
-def _has_attention(program) -> bool:
-    return any(st.kind == "kv" for layer in program.layers
-               for st in program.blocks[layer.instance].states)
-
-
-def test_packed_forward_state_continues_or_says_why_not(compiled):
-    """After a packed forward, each sequence's state continues it exactly (step() equals the
-    unpacked forward over the sequence and its next token); a spec with attention layers,
-    whose KV caches would be ragged, refuses with a clear error instead."""
-    _, _, model, program = compiled
-    lengths = [5, 9, 3]
-    ids = _ids(model, B=1, T=sum(lengths) + 3)
-    cu = torch.tensor([0, 5, 14, 17])
-    _, state = model(ids[:, :17], cu_seqlens=cu)
-    nxt = ids[0, 17:]
-    if _has_attention(program):
-        with pytest.raises(ValueError, match="packed forward"):
-            model.step(nxt, state)
-        return
-    stepped, _ = model.step(nxt, state)
+@pytest.mark.parametrize("lengths", [[5, 9, 3], [4, 4], [1, 7]], ids=["ragged", "equal", "one token"])
+def test_a_packed_forward_state_continues_each_sequence(compiled, lengths):
+    """After a packed forward (cu_seqlens), the state holds one row per sequence (attention
+    layers: one KV cache row each, left-padded when the lengths differ) and continues each
+    sequence exactly: a batch continuation of two tokens, then step(), equal the unpacked
+    forward over each sequence and its continuation."""
+    _, _, model, _ = compiled
+    T = sum(lengths)
+    ids = _ids(model, B=1, T=T)
+    more = _ids(model, B=len(lengths), T=3, seed=7)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    _, state = model(ids, cu_seqlens=cu)
+    two, state = model(more[:, :2], state)
+    last, _ = model.step(more[:, 2], state)
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        alone, _ = model(torch.cat([ids[:, a:b], nxt[None, i:i + 1]], dim=1))
-        assert_close(stepped[i], alone[0, -1], torch.float32, f"sequence {i}: packed + step")
+        alone, _ = model(torch.cat([ids[:, a:b], more[i:i + 1]], dim=1))
+        got = torch.cat([two[i], last[i:i + 1]])
+        assert_close(got, alone[0, -3:], torch.float32, f"sequence {i}: packed, then continued")
 
 
 def test_empty_input_gives_empty_logits_and_keeps_the_state(compiled):

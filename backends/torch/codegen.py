@@ -542,7 +542,8 @@ class _GraphEmitter:
         a, b, _ = node.inputs
         slot = self.state_slot(node)
         r = self.rank(node.id)
-        av = self.operand(a, r) if self.varies(a) else f"rt.along_time({self.ref(a)}, {self.ref(b)})"
+        av = self.operand(a, r) if self.varies(a) else \
+            f"rt.along_time({self.ref(a)}, {self.ref(b)}, {r})"
         v = self.var(node)
         self.fwd.append(f"{v}, new_state[{slot!r}] = rt.scan({av}, {self.ref(b)}, "
                         f"state.get({slot!r}), cu_seqlens, run{self._kernel(node)})")
@@ -618,7 +619,33 @@ class _GraphEmitter:
 
 def _spec_ref(span, entry: str) -> str:
     from seqdsl.ir.printer import _relative
-    return f"{_relative(span.path, entry)}:{span.line}"
+    return source_text(f"{_relative(span.path, entry)}:{span.line}")
+
+
+def source_text(text: str) -> str:
+    """Text from outside (a file name, an override) made safe inside a generated comment or
+    docstring: characters that are not printable, quotes and backslashes are written as escapes,
+    so no name can end a line, a comment or a string of the generated source."""
+    return "".join(c if c.isprintable() and c not in "\"'\\" else
+                   c.encode("unicode_escape").decode("ascii") if c != '"' else '\\"'
+                   for c in text)
+
+
+def regenerate_command(spec, extra: str = "") -> str:
+    """The ``seqdsl compile`` command line that rebuilds a module, overrides included."""
+    import shlex
+
+    from seqdsl.interop.spec_writer import lit
+
+    def cli_value(v) -> str:        # what --set parses back (a bare word is a string)
+        if isinstance(v, tuple):
+            return "[" + ", ".join(cli_value(x) for x in v) + "]"
+        return v if isinstance(v, str) and v.isidentifier() else lit(v)
+
+    words = ["seqdsl", "compile", Path(spec.path).name, *extra.split()]
+    for key, value in sorted(spec.overrides.items()):
+        words += ["--set", f"{key}={cli_value(value)}"]
+    return source_text(shlex.join(words))
 
 
 class ClassRegistry:
@@ -682,7 +709,7 @@ def build_view(program: Program, kernel_sites=None) -> dict:
     shared = _shared_view(registry)
     class_of: dict[str, str] = {}
     for name, inst in program.blocks.items():
-        args = ", ".join(f"{k}={v!r}" for k, v in inst.args)
+        args = source_text(", ".join(f"{k}={v!r}" for k, v in inst.args))
         doc = f"Block `{inst.block}`" + (f" with {args}" if args else "") + "."
         class_of[name] = _block_view(registry, name, inst.graph, doc,
                                      _spec_ref(inst.span, spec.path))
@@ -697,6 +724,7 @@ def build_view(program: Program, kernel_sites=None) -> dict:
     return {
         "version": __version__,
         "spec_path": _spec_ref(model.name_span, spec.path).rsplit(":", 1)[0],
+        "regenerate": regenerate_command(spec),
         "model_name": model.name,
         "model_ref": _spec_ref(model.name_span, spec.path),
         "config": config,

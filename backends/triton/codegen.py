@@ -25,7 +25,8 @@ from pathlib import Path
 import jinja2
 
 from seqdsl import __version__
-from seqdsl.backends.torch.codegen import Namespace, _literal, _spec_ref, generate_source
+from seqdsl.backends.torch.codegen import (Namespace, _literal, _spec_ref, generate_source,
+                                          regenerate_command, source_text)
 from seqdsl.ir.graph import BlockInstance, Graph, Program
 from seqdsl.ir.ops import Op
 from seqdsl.ir.types import TensorType
@@ -255,19 +256,22 @@ def _plain_env() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def _render(spec_path: str, specs: dict[str, KernelSpec]) -> str:
+def _render(spec_path: str, specs: dict[str, KernelSpec], regenerate: str | None = None) -> str:
+    spec_path = source_text(spec_path)
     plain = _plain_env()
     chunk = {p: plain.get_template(f"{s.core}_chunk.py.j2").render(p=p, s=s, reg="REGISTRY").strip()
              for p, s in specs.items() if s.chunked}
     source = _env().get_template("kernels.py.j2").render(
         version=__version__, spec_path=spec_path, sites=list(specs.items()), reg="REGISTRY",
+        regenerate=regenerate or f"seqdsl compile {spec_path} --backend triton",
         chunk_fragments=chunk)
     ast.parse(source)
     return source
 
 
 def render_kernels(program: Program, sites: KernelSites) -> str:
-    return _render(Path(program.spec.path).name, sites.specs)
+    return _render(Path(program.spec.path).name, sites.specs,
+                   regenerate_command(program.spec, "--backend triton"))
 
 
 def site_source(spec: KernelSpec, name: str = "site") -> str:

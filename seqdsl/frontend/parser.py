@@ -9,14 +9,17 @@ and a human list of what was expected.
 from __future__ import annotations
 
 import functools
+import math
 import importlib.resources
 
 from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import (UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken,
+                             VisitError)
 from lark.lexer import PatternStr
 
-from seqdsl.diagnostics import SourceRegistry, Span, error
+from seqdsl.diagnostics import SourceRegistry, Span, SpecError, error
 from seqdsl.frontend import ast
+from seqdsl.ir.values import check_number
 
 # Human names for terminals, used in "expected ..." messages.
 _TERMINAL_NAMES = {
@@ -79,10 +82,18 @@ def _meta_span(path: str, meta) -> Span:
     return Span(path, meta.line, meta.column, meta.end_line, meta.end_column)
 
 
-def _number(text: str) -> int | float:
-    if any(c in text for c in ".eE"):
-        return float(text)
-    return int(text)
+def _number(text: str, span: Span) -> int | float:
+    """A numeric literal, which must fit what generated code holds (a float64, an int64) and
+    must not underflow to zero."""
+    value = float(text) if any(c in text for c in ".eE") else int(text)
+    if value in (math.inf, -math.inf):
+        raise error(span, f"the number {text} is too large for a float64",
+                    "numbers must stay within ±1.8e308")
+    check_number(value, span, f"the number {text}")
+    if value == 0 and any(c in "123456789" for c in text.split("e")[0].split("E")[0]):
+        raise error(span, f"the number {text} is too small for a float64: it would be 0",
+                    "nonzero numbers must be at least about 4.9e-324 in size")
+    return value
 
 
 class _ToAst(Transformer):
@@ -101,7 +112,7 @@ class _ToAst(Transformer):
     # -- atoms
     @v_args(meta=True)
     def number(self, meta, children):
-        return ast.Number(_number(str(children[0])), self._span(meta))
+        return ast.Number(_number(str(children[0]), self._span(meta)), self._span(meta))
 
     @v_args(meta=True)
     def string(self, meta, children):
@@ -287,7 +298,12 @@ def parse(text: str, path: str = "<string>", start: str = "start"):
     if deep is not None:
         raise error(_meta_span(path, deep.meta), f"too deeply nested: more than {MAX_NESTING} levels",
                     "split the expression into several assignments")
-    return _ToAst(path).transform(tree)
+    try:
+        return _ToAst(path).transform(tree)
+    except VisitError as exc:      # a SpecError raised inside the transformer (a bad literal)
+        if isinstance(exc.orig_exc, SpecError):
+            raise exc.orig_exc from None
+        raise
 
 
 #: parse trees deeper than this would overflow Python's stack in the recursive passes

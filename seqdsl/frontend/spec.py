@@ -25,7 +25,7 @@ from seqdsl.frontend import ast
 from seqdsl.frontend.consteval import ConstEvaluator
 from seqdsl.frontend.parser import parse, parse_value
 from seqdsl.ir.builtins import BUILTINS, INIT_RULES, PATTERN_FUNCTIONS, RESERVED_NAMES
-from seqdsl.ir.values import is_number, type_name
+from seqdsl.ir.values import check_number, is_number, type_name
 
 STDLIB_PREFIX = "std/"
 
@@ -171,6 +171,7 @@ class Spec(_Frozen):
     definitions: dict[str, DefinitionSpec]
     config: dict[str, Any]           # model hyper-parameters after overrides
     def_overrides: dict[str, dict[str, Any]]  # definition -> parameter -> value
+    overrides: dict[str, Any] = {}   # what was overridden, as given ("key" or "definition.key")
 
     @field_validator("config")
     @classmethod
@@ -356,10 +357,13 @@ def _override_span(key: str, value: Any) -> Span:
 
 def _check_type(key: str, value: Any, default: Any, span: Span) -> Any:
     """An override must have the type of the default (an int is accepted for a float)."""
+    if is_number(value):
+        check_number(value, span, f"hyper-parameter '{key}'")
     if default is None:
         return value
+    article = "an" if type_name(default)[0] in "aeiou" else "a"
     if value is None:
-        raise error(span, f"hyper-parameter '{key}' is a {type_name(default)}, got none")
+        raise error(span, f"hyper-parameter '{key}' is {article} {type_name(default)}, got none")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):
@@ -370,7 +374,6 @@ def _check_type(key: str, value: Any, default: Any, span: Span) -> Any:
     else:
         ok = type(value) is type(default)
     if not ok:
-        article = "an" if type_name(default)[0] in "aeiou" else "a"
         raise error(span, f"hyper-parameter '{key}' is {article} {type_name(default)}, "
                     f"got {type_name(value)} {value!r}")
     return value
@@ -467,7 +470,7 @@ def build_spec(modules: list[ast.Module], overrides: Mapping[str, Any] | None = 
     files = tuple(m.path for m in modules)
     try:
         return Spec(path=entry.path, files=files, model=model, definitions=definitions,
-                    config=config, def_overrides=def_overrides)
+                    config=config, def_overrides=def_overrides, overrides=flat)
     except ValidationError as exc:
         raise _from_validation_error(exc, model.span if model else NO_SPAN) from None
 

@@ -271,12 +271,16 @@ def _config_dict(config) -> tuple[dict, str]:
         if path.is_dir():
             path = path / "config.json"
         try:
-            return json.loads(path.read_text()), str(path)
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise error(Span(str(path), 0, 0, 0, 0), "no such file") from None
         except json.JSONDecodeError as e:
             raise error(Span(str(path), e.lineno, e.colno, e.lineno, e.colno + 1),
                         f"not a JSON config: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise error(Span(str(path), 0, 0, 0, 0),
+                        f"not a transformers config: a JSON {type(data).__name__}, not an object")
+        return data, str(path)
     if hasattr(config, "to_dict"):  # a transformers PretrainedConfig
         return config.to_dict(), f"{type(config).__name__}"
     raise TypeError(f"import_config: expected a dict, a path or a transformers config, "

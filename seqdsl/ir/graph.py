@@ -185,6 +185,7 @@ class BlockInstance:
     span: Span
     graph: Graph | None = None
     states: tuple[State, ...] = ()
+    bound_at: Span | None = None   # the layer-pattern entry that bound ``args`` (its first use)
 
 
 @dataclass(frozen=True)

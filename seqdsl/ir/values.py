@@ -56,6 +56,21 @@ def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+#: the range of an integer constant: what a 64-bit integer (torch's int64) holds
+MAX_INT = 2 ** 63 - 1
+
+
+def check_number(v, span, what: str = "a constant"):
+    """``v`` itself if generated code can hold it: a finite float, an int of 64 bits."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise error(span, f"{what} is not a finite number ({v})",
+                    "numbers must stay within ±1.8e308 (a float64)")
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+        raise error(span, f"{what} does not fit in 64 bits ({v:.3g})",
+                    f"integers must stay within ±{MAX_INT} (an int64)")
+    return v
+
+
 def _arith(fn, name):
     def apply(a, b, span):
         if is_number(a) and is_number(b):
@@ -67,7 +82,7 @@ def _arith(fn, name):
                 raise error(span, f"constant arithmetic failed: {exc}") from None
             if isinstance(r, complex):
                 raise error(span, "constant arithmetic produced a complex number")
-            return r
+            return check_number(r, span, "the result of this constant arithmetic")
         raise error(span, f"cannot {name} {type_name(a)} and {type_name(b)}")
     return apply
 

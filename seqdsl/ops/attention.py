@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._chunking import checkpointed, compute_dtype, default_scale, needs_grad, output_dtype
+from ._chunking import (checkpointed, compute_dtype, default_scale, empty_time, needs_grad,
+                        output_dtype)
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -33,23 +34,25 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin ``[T, head_dim]`` for the half-rotation convention: frequency ``i`` (of
-    ``head_dim / 2``) is ``theta ** (-2i / head_dim)``, repeated for both halves."""
+    """cos, sin ``[..., T, head_dim]`` at ``positions [..., T]`` for the half-rotation
+    convention: frequency ``i`` (of ``head_dim / 2``) is ``theta ** (-2i / head_dim)``,
+    repeated for both halves."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype)
                          / head_dim)
-    angles = positions.to(dtype)[:, None] * inv_freq[None, :]     # [T, head_dim / 2]
-    angles = torch.cat([angles, angles], dim=-1)                   # [T, head_dim]
+    angles = positions.to(dtype)[..., None] * inv_freq              # [..., T, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)                   # [..., T, head_dim]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, theta: float, positions: Tensor | None = None) -> Tensor:
-    """Rotate ``x [B, T, H, D]`` at ``positions [T]`` (default ``0..T-1``):
-    ``x cos + rotate_half(x) sin`` with ``rotate_half([x1, x2]) = [-x2, x1]``."""
+    """Rotate ``x [B, T, H, D]`` at ``positions [T]`` (default ``0..T-1``), or ``[B, T]`` (a
+    position per row, sequences continued from different lengths): ``x cos + rotate_half(x)
+    sin`` with ``rotate_half([x1, x2]) = [-x2, x1]``."""
     T, D = x.shape[1], x.shape[-1]
     if positions is None:
         positions = torch.arange(T, device=x.device)
     cos, sin = rope_angles(positions, D, theta, x.dtype)
-    cos, sin = cos[:, None, :], sin[:, None, :]                    # [T, 1, D] against [B, T, H, D]
+    cos, sin = cos[..., None, :], sin[..., None, :]      # [(B,) T, 1, D] against [B, T, H, D]
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -97,6 +100,7 @@ def _first_visible(i: int, window: int | None) -> int:
 # reference and tiled forms
 # --------------------------------------------------------------------------------------------
 
+@empty_time(None)
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
                   scale: float | None = None, softcap: float | None = None,
                   cu_seqlens: Tensor | None = None, rope_theta: float | None = None) -> Tensor:
@@ -113,6 +117,7 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
     return _finish(torch.cat(outs, dim=3), out_dtype)
 
 
+@empty_time(None)
 def attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
               scale: float | None = None, softcap: float | None = None,
               cu_seqlens: Tensor | None = None, rope_theta: float | None = None,

@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from ._chunking import (LOG2E, compute_dtype, default_scale, exp_fast, from_chunks,
-                        grads_by_recomposition, needs_grad, output_dtype, pad_time,
+from ._chunking import (LOG2E, compute_dtype, default_scale, empty_time, exp_fast,
+                        from_chunks, grads_by_recomposition, needs_grad, output_dtype, pad_time,
                         segment_length, strict_last_step_apart, to_chunks, to_chunks_scaled,
                         within_factor_limit)
 from ._varlen import varlen_call
@@ -32,6 +32,7 @@ from .linear import (_chunked_per_key, _expand_heads, _rows_decayed_nograd, chun
 Tensor = torch.Tensor
 
 
+@empty_time('complex')
 def linear_complex_ref(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase: Tensor,
                        scale: float | None = None, initial_state: Tensor | None = None,
                        output_final_state: bool = False, cu_seqlens: Tensor | None = None):
@@ -43,6 +44,7 @@ def linear_complex_ref(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, p
     return o.real.to(_real_dtype(q, k, v)), S
 
 
+@empty_time('complex')
 def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase: Tensor,
                    scale: float | None = None, initial_state: Tensor | None = None,
                    output_final_state: bool = False, cu_seqlens: Tensor | None = None,
@@ -83,6 +85,7 @@ def linear_complex(q: Tensor, k: Tensor, v: Tensor, log_magnitude: Tensor, phase
     angle = _cumulative_angle(phase, real)                                   # Φ_t [B, T, H, K]
     cos = torch.cos(angle)
     nsin = torch.sin(angle).neg_()                  # -sin Φ_t (sin's backward reads Φ, not it)
+    q, k = _per_value_head(q, cos), _per_value_head(k, cos)
     q2, k2 = _rotate(q, cos, nsin, real, 1.0), _rotate(k, cos, nsin, real, -1.0)  # [B, T, H, 2K]
     rot = torch.complex(cos[:, -1], -nsin[:, -1]).to(cplx)                    # e^{iΦ_T}
     del angle, cos, nsin    # (without autograd: not held while the core runs)
@@ -153,6 +156,7 @@ def _segment_nograd(q, k, v, g, phase, S, phi, chunk, scale):
     if not within_factor_limit(G, LOG2E if base2 else 1.0):
         # the exact per-key form on the rotated operands of this segment
         cos, nsin = from_chunks(cos, T), from_chunks(nsin, T)
+        q, k = _per_value_head(q, cos), _per_value_head(k, cos)
         q2, k2 = _rotate(q, cos, nsin, q.dtype, 1.0), _rotate(k, cos, nsin, k.dtype, -1.0)
         o, S = _chunked_per_key(q2, k2, v * scale, torch.cat([g, g], dim=-1), S, chunk)
         return o, S, phi_end
@@ -376,6 +380,14 @@ def _takes_strict(fn) -> bool:
         return "strict" in inspect.signature(fn).parameters
     except (TypeError, ValueError):     # no signature to read (some builtins, C extensions)
         return False
+
+
+def _per_value_head(x: Tensor, angle: Tensor) -> Tensor:
+    """q or k ``[B, T, Hq, K]`` shared by groups of value heads, repeated to the angle's
+    ``H`` heads (value head h reads q/k head ``h // (H / Hq)``) where ``1 < Hq < H``; one
+    shared head (``Hq = 1``) broadcasts as it is."""
+    Hq, H = x.shape[2], angle.shape[2]
+    return x.repeat_interleave(H // Hq, dim=2) if 1 < Hq < H else x
 
 
 def _rotate(x: Tensor, cos: Tensor, nsin: Tensor, dtype: torch.dtype, sign: float) -> Tensor:

@@ -19,7 +19,7 @@ import functools
 import torch
 
 from ._chunking import (FACTOR_LIMIT, cast, centred_decay_factors, compute_dtype,
-                        decay_factors, decay_matrix, default_scale, from_chunks,
+                        decay_factors, decay_matrix, default_scale, empty_time, from_chunks,
                         grads_by_recomposition, needs_grad, output_dtype, over_segments,
                         segment_length, strict_last_step_apart, to_chunks, to_chunks_scaled)
 from ._varlen import varlen_call
@@ -37,6 +37,7 @@ def _prepare(q, k, v, beta, log_decay, initial_state, scale):
     return q, k, v, beta, log_decay, initial_state, out_dtype, default_scale(scale, q.shape[-1])
 
 
+@empty_time('kv')
 def delta_ref(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None = None,
               scale: float | None = None, initial_state: Tensor | None = None,
               output_final_state: bool = False, cu_seqlens: Tensor | None = None):
@@ -59,6 +60,7 @@ def delta_ref(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor |
     return o.to(out_dtype), (S if output_final_state else None)
 
 
+@empty_time('kv')
 def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None = None,
           scale: float | None = None, initial_state: Tensor | None = None,
           output_final_state: bool = False, cu_seqlens: Tensor | None = None,
@@ -485,6 +487,7 @@ def _solve_transposed(A: Tensor, rhs: Tensor, block: int = SOLVE_BLOCK,
     return out
 
 
+@empty_time('kv')
 def delta_interleave(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
                      log_decay: Tensor | None = None, steps: int | None = None,
                      scale: float | None = None, initial_state: Tensor | None = None,

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ._chunking import (LOG2E, cast, centred_decay_factors, compute_dtype,
-                        cumsum_to_end, decay_factors, decay_matrix, default_scale, exp_fast,
-                        from_chunks, grads_by_recomposition, needs_grad, output_dtype,
+                        cumsum_to_end, decay_factors, decay_matrix, default_scale, empty_time,
+                        exp_fast, from_chunks, grads_by_recomposition, needs_grad, output_dtype,
                         over_segments, segsum, strict_last_step_apart, sub_chunk_size, to_chunks,
                         to_chunks_scaled, within_factor_limit)
 from ._varlen import varlen_call
@@ -102,6 +102,7 @@ def _factored(decay_A: Tensor | None, decay_dt: Tensor | None, dtype) -> tuple |
     return decay_A.to(dtype), decay_dt.to(dtype)
 
 
+@empty_time('kv')
 def linear_ref(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
                scale: float | None = None, initial_state: Tensor | None = None,
                output_final_state: bool = False, cu_seqlens: Tensor | None = None,
@@ -140,6 +141,7 @@ def linear_ref(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
 # chunked forms
 # --------------------------------------------------------------------------------------------
 
+@empty_time('kv')
 def linear(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None,
            scale: float | None = None, initial_state: Tensor | None = None,
            output_final_state: bool = False, cu_seqlens: Tensor | None = None,

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._chunking import cast, compute_dtype, needs_grad, output_dtype
+from ._chunking import cast, compute_dtype, empty_time, needs_grad, output_dtype
 from ._varlen import varlen_call
 
 Tensor = torch.Tensor
@@ -192,6 +192,7 @@ def _prepare(a: Tensor, b: Tensor, initial_state: Tensor | None):
     return a.to(dtype), b.to(dtype), cast(initial_state, dtype), output_dtype(a, b)
 
 
+@empty_time('scan')
 def scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
          output_final_state: bool = False, cu_seqlens: Tensor | None = None):
     """Parallel elementwise linear recurrence ``h_t = a_t ⊙ h_{t-1} + b_t``: recursive doubling
@@ -265,6 +266,7 @@ class _Scan(torch.autograd.Function):
         return da, lam, (mu[:, 0] if ctx.needs_input_grad[2] else None)
 
 
+@empty_time('scan')
 def scan_ref(a: Tensor, b: Tensor, initial_state: Tensor | None = None,
              output_final_state: bool = False, cu_seqlens: Tensor | None = None):
     """Sequential reference of :func:`scan` (same arguments): a plain loop over time."""

@@ -8,6 +8,8 @@ Hyper-parameters become CONST nodes (folded by the next pass); nothing is evalua
 
 from __future__ import annotations
 
+import dataclasses
+
 from seqdsl.diagnostics import Collector, error
 from seqdsl.frontend import ast
 from seqdsl.ir.builtins import BUILTINS, INIT_RULES, REQUIRED
@@ -233,7 +235,9 @@ class _Builder:
         self.g.inputs = [("x", x)]
         env = {"x": x}
         args = dict(inst.args)
-        self.hyper(d, env, (), lambda h: self.const(args[h.name], h.span, sym=h.name)
+        # a value bound in the layer pattern points there (the block's entry), not at the default
+        self.hyper(d, env, (), lambda h: self.const(args[h.name], inst.bound_at or h.span,
+                                                    sym=h.name)
                    if h.name in args else None)
         out = self.body(d, env, ())
         self.g.output = self.g.add(Op.OUTPUT, (out,), d.name_span)
@@ -266,7 +270,7 @@ def build_graphs(program: Program) -> Program:
     for name, inst in program.blocks.items():
         with collector.guard():
             graph = _Builder(program, Graph()).block(inst)
-            blocks[name] = BlockInstance(inst.name, inst.block, inst.args, inst.span, graph)
+            blocks[name] = dataclasses.replace(inst, graph=graph)
     final_norm = None
     if program.settings.final_norm is not None:
         with collector.guard():

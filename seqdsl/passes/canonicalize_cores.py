@@ -11,10 +11,12 @@ the ``lowering`` attribute set here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 from seqdsl.diagnostics import error
-from seqdsl.ir.graph import BlockInstance, Graph, Program
+from seqdsl.ir.graph import Graph, Program
 from seqdsl.ir.ops import Op
 from seqdsl.ir.types import ConstType, TensorType
 from seqdsl.passes.infer_shapes import unary_range
@@ -113,6 +115,5 @@ def _log_of(g: Graph, nid: int, like, type_) -> int:
 
 
 def canonicalize_cores(program: Program) -> Program:
-    blocks = {name: BlockInstance(i.name, i.block, i.args, i.span, canonicalize_graph(i.graph),
-                                  i.states) for name, i in program.blocks.items()}
+    blocks = {name: dataclasses.replace(i, graph=canonicalize_graph(i.graph)) for name, i in program.blocks.items()}
     return program.replace(stage="canonicalize_cores", blocks=blocks)

@@ -8,6 +8,8 @@ settings (tied embeddings, final norm, embedding scale, logit soft-cap).
 
 from __future__ import annotations
 
+import dataclasses
+
 from seqdsl.diagnostics import Collector, SpecError, did_you_mean, error, one_of
 from seqdsl.frontend import ast
 from seqdsl.frontend.consteval import ConstEvaluator
@@ -103,7 +105,8 @@ def expand_pattern(program: Program) -> Program:
                 n = names_by_block.get(block_name, 0)
                 names_by_block[block_name] = n + 1
                 instances[key] = BlockInstance(name=f"{block_name}_{n}", block=block_name,
-                                               args=ref.args, span=d.name_span)
+                                               args=ref.args, span=d.name_span,
+                                               bound_at=ref.span if ref.args else None)
             group = ref.name if ref.name in shared_blocks else None
             layers.append(Layer(index=len(layers), instance=instances[key].name, span=ref.span,
                                 shared_group=group))
@@ -112,7 +115,7 @@ def expand_pattern(program: Program) -> Program:
     rename = {}
     for (block_name, _), inst in instances.items():
         rename[inst.name] = block_name if names_by_block[block_name] == 1 else inst.name
-    blocks = {rename[i.name]: BlockInstance(rename[i.name], i.block, i.args, i.span)
+    blocks = {rename[i.name]: dataclasses.replace(i, name=rename[i.name])
               for i in instances.values()}
     layers = tuple(Layer(l.index, rename[l.instance], l.span, l.shared_group) for l in layers)
     return program.replace(stage="expand_pattern", pattern=tuple(refs), layers=layers,

@@ -8,10 +8,12 @@ branch of a conditional is removed, with everything only it used.
 
 from __future__ import annotations
 
+import dataclasses
+
 from seqdsl.diagnostics import Collector, error
 from seqdsl.frontend.consteval import _rule_signature
 from seqdsl.ir.builtins import INIT_RULES, InitRule
-from seqdsl.ir.graph import BlockInstance, Graph, Program
+from seqdsl.ir.graph import Graph, Program
 from seqdsl.ir.ops import BINARY_ARITH, COMPARE, ELEMENTWISE_UNARY, Op
 from seqdsl.ir.values import BINARY, FUNCTIONS, is_number, type_name
 
@@ -209,8 +211,7 @@ def fold_constants(program: Program) -> Program:
             shared = fold_graph(shared, shared_outputs)
     for name, inst in program.blocks.items():
         with collector.guard():
-            blocks[name] = BlockInstance(inst.name, inst.block, inst.args, inst.span,
-                                         fold_graph(inst.graph))
+            blocks[name] = dataclasses.replace(inst, graph=fold_graph(inst.graph))
     final_norm = program.final_norm
     if final_norm is not None:
         with collector.guard():

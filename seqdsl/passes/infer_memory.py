@@ -8,9 +8,11 @@ sliding window, or growing with the context). ``seqdsl info`` and the backends r
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
-from seqdsl.ir.graph import BlockInstance, Program, State
+from seqdsl.ir.graph import Program, State
 from seqdsl.ir.ops import Op
 from seqdsl.ir.types import Dim, TensorType
 
@@ -62,6 +64,6 @@ def states_of(graph) -> tuple[State, ...]:
 
 
 def infer_memory(program: Program) -> Program:
-    blocks = {name: BlockInstance(i.name, i.block, i.args, i.span, i.graph, states_of(i.graph))
+    blocks = {name: dataclasses.replace(i, states=states_of(i.graph))
               for name, i in program.blocks.items()}
     return program.replace(stage="infer_memory", blocks=blocks)

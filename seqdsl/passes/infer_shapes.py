@@ -9,6 +9,8 @@ channel mixers that would mix time, and that every block keeps the residual stre
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 from seqdsl.diagnostics import Collector, SpecError, error
@@ -18,7 +20,7 @@ from seqdsl.ir.ops import (BINARY_ARITH, COMPARE, CONST_ONLY, ELEMENTWISE_UNARY,
                            TIME_MIXING, Op)
 from seqdsl.ir.types import (UNBOUNDED, ConstType, Dim, Interval, TensorType, TupleType, broadcast,
                              dim_div, dim_mul, dim_sum, shape_str)
-from seqdsl.ir.values import is_number, type_name
+from seqdsl.ir.values import BINOP_OF_TOKEN, is_number, type_name
 
 INF = math.inf
 
@@ -142,16 +144,18 @@ class _Infer:
             return TensorType((), "real", _const_range(t.value))
         raise error(node.span, f"{what} must be a tensor, got {type_name(t.value) if isinstance(t, ConstType) else t}")
 
-    def const(self, nid: int, what: str, kinds=None):
+    def const(self, nid: int, what: str, kinds=None, at=None):
+        """The compile-time value of node ``nid``, or an error (at its span, or at ``at``)."""
         t = self.types[nid]
         node = self.g.node(nid)
+        span = node.span if at is None else at
         if not isinstance(t, ConstType):
             hint = None
             if node.op is Op.LAYER_INDEX or isinstance(t, TensorType) and t.shape == () and \
                     self._depends_on_layer(nid):
                 hint = "the layer index is only known at run time; use a pattern comprehension " \
                        "with block hyper-parameters to vary structure by layer"
-            raise error(node.span, f"{what} must be a compile-time constant, got a tensor "
+            raise error(span, f"{what} must be a compile-time constant, got a tensor "
                         f"{t}", hint)
         v = t.value
         if kinds is not None and not any(k(v) for k in kinds):
@@ -186,10 +190,26 @@ class _Infer:
     def run(self) -> Graph:
         g = self.g
         for node in list(g.nodes()):
-            t = self.infer(node)
+            try:
+                t = self.infer(node)
+            except SpecError as err:
+                raise self._with_call_site(err, node) from None
             self.types[node.id] = t
             g.set(g.node(node.id).replace(type=t))
         return g
+
+    def _with_call_site(self, err: SpecError, node) -> SpecError:
+        """An error inside an imported definition (the standard library, another file) also
+        names the call in the spec being compiled that led there."""
+        entry = self.program.spec.path
+        site = next((info for i in range(len(node.scope), 0, -1)
+                     if (info := self.g.scopes.get(node.scope[:i])) and info[2].path == entry),
+                    None)
+        if site is None:
+            return err
+        where = f"in the call of '{site[0]}' at {site[2]}"
+        return SpecError([d if d.span.path == entry else dataclasses.replace(
+            d, hint=f"{d.hint}; {where}" if d.hint else where) for d in err.diagnostics])
 
     def infer(self, node):
         op = node.op
@@ -205,10 +225,14 @@ class _Infer:
             return self.shared_types[node.attr("name")]
         if op in (Op.LIST, Op.INIT) or op in CONST_ONLY:
             culprit = next((i for i in ins if not isinstance(self.types[i], ConstType)), None)
+            logic = op in COMPARE | LOGIC
             what = {Op.LIST: "a list item", Op.INIT: "an init rule argument"}.get(
-                op, f"the argument of {op.value}()" if op not in COMPARE | LOGIC
-                else f"an operand of '{op.value}'")
-            self.const(culprit if culprit is not None else node.id, what)
+                op, f"an operand of '{_SYMBOL.get(op, op.value)}'" if logic
+                else f"the argument of {op.value}()")
+            # an operator's operand may come from elsewhere (a mixer's input: the caller's
+            # argument): point at the operator's own expression
+            self.const(culprit if culprit is not None else node.id, what,
+                       at=node.span if logic else None)
             raise error(node.span, f"cannot evaluate {op.value}")  # pragma: no cover
         if op is Op.SELECT:
             self.const(ins[0], "a condition")
@@ -754,6 +778,11 @@ def _is_rule(v):
     return isinstance(v, InitRule)
 
 
+#: how the language writes each comparison and logic operator (``Op.EQ.value`` is "eq")
+_SYMBOL = {op: token for token, op in BINOP_OF_TOKEN.items()}
+_SYMBOL[Op.NOT] = "not"
+
+
 def _is_none(v):
     return v is None
 
@@ -777,6 +806,10 @@ def _check_init(init: InitRule, shape: tuple[int, ...], span) -> None:
         raise error(span, f"init rule {init!r} takes logarithms: low must be >= 0")
     if init.name == "logit_pow_uniform" and not (0 < args["low"] and args["high"] < 1):
         raise error(span, f"init rule {init!r}: the range must lie inside (0, 1)")
+    for name in ("std", "gain", "floor", "power"):
+        if name in args and args[name] < 0 or name == "power" and args.get(name) == 0:
+            raise error(span, f"init rule {init!r}: {name} must be "
+                        f"{'> 0' if name == 'power' else '>= 0'}, got {args[name]}")
 
 
 def _check_channels(g: Graph) -> None:
@@ -810,7 +843,7 @@ def infer_shapes(program: Program) -> Program:
         with collector.guard():
             g = _Infer(program, inst.graph.copy(), shared_types, inst).run()
             _check_channels(g)
-            blocks[name] = BlockInstance(inst.name, inst.block, inst.args, inst.span, g)
+            blocks[name] = dataclasses.replace(inst, graph=g)
     final_norm = program.final_norm
     if final_norm is not None:
         with collector.guard():
