@@ -81,6 +81,7 @@ class Diagnostic:
                 width = self.span.end_col - self.span.col
             else:
                 width = max(len(src.rstrip()) - start, 1)
+            src, start, width = _clip(src.rstrip(), start, width)
             # Tabs before the caret keep their width so the caret lines up.
             lead = "".join(ch if ch == "\t" else " " for ch in src[:start])
             out.append(f" {num} | {src.rstrip()}")
@@ -88,6 +89,22 @@ class Diagnostic:
         if self.hint:
             out.append(f" {' ' * len(str(self.span.line))} = hint: {self.hint}")
         return "\n".join(out)
+
+
+#: the most characters of a source line a diagnostic shows (a window around the caret)
+MAX_SHOWN = 120
+
+
+def _clip(line: str, start: int, width: int) -> tuple[str, int, int]:
+    """A long line cut to :data:`MAX_SHOWN` characters around ``start`` (``...`` where cut),
+    with the caret's start and width moved to match."""
+    if len(line) <= MAX_SHOWN:
+        return line, start, width
+    left = max(0, min(start - MAX_SHOWN // 3, len(line) - MAX_SHOWN))
+    right = left + MAX_SHOWN
+    shown = ("..." if left else "") + line[left:right] + ("..." if right < len(line) else "")
+    start = start - left + (3 if left else 0)
+    return shown, start, max(1, min(width, MAX_SHOWN - (start - (3 if left else 0))))
 
 
 class SpecError(Exception):

@@ -585,7 +585,11 @@ CASES = {
             block b { x = x + proj(x, d) }
             """,
         "lib.seq": b"mixer f { return x }  # \xff\n",
-    }, 1, 1, "cannot read lib.seq: not UTF-8 text (byte 0xff at offset 24)"),
+    }, 1, 25, "not UTF-8 text: byte 0xff", "save the file as UTF-8", file="lib.seq"),
+    "byte-order-mark-is-fine-but-an-error-after-it-counts-columns-without-it": Case({
+        "main.seq": b"\xef\xbb\xbfmodel m(vocab = 100, d = 16) { layers = [b] }\n"
+                    b"block b { x = x + sigmod(x) }\n",
+    }, 2, 19, "unknown function 'sigmod'", partial=True),
     "import-without-seq-suffix": Case(spec("""
         import "std/mlp"
         model m(vocab = 100, d = 16) {
@@ -670,7 +674,7 @@ CASES = {
     "definition-default-of-wrong-type": Case(HEADER + spec("""
         block b { x = x + f(x) }
         mixer f(n = "wide") { return proj(proj(x, n), d) }
-        """), 5, 13, "proj's size must be an int, got string 'wide'"),
+        """), 5, 13, "proj's size must be an int, got string \"wide\""),
 
     # ---- the model ----------------------------------------------------------------------------
     "model-missing-d": Case(spec("""
@@ -764,7 +768,7 @@ CASES = {
     # ---- norms ----------------------------------------------------------------------------------
     "rmsnorm-offset-not-a-number": Case(HEADER + spec("""
         block b { x = x + rmsnorm(x, offset = "one") }
-        """), 4, 39, "offset must be a number, got string 'one'", partial=True),
+        """), 4, 39, "offset must be a number, got string \"one\"", partial=True),
     "rmsnorm-offset-without-weight": Case(HEADER + spec("""
         block b { x = x + rmsnorm(x, weight = false, offset = 1.0) }
         """), 4, 55, "rmsnorm's offset needs weight = true",
@@ -784,6 +788,14 @@ CASES = {
         }
         block b(w = 2) { x = x + proj(x, d) * w }
         """), 2, 13, "the right operand must be a tensor, got string"),
+    "assignment-shadows-the-layer-index": Case(HEADER + spec("""
+        block b { x = x + f(x) }
+        mixer f {
+          layer = 5
+          return proj(x, d) * layer
+        }
+        """), 6, 3, "variable 'layer' shadows the built-in 'layer' (the index of the current "
+        "layer (0-based))", "choose another name"),
     "logic-on-a-mixer-input": Case(HEADER + spec("""
         block b { x = x + f(rmsnorm(x)) }
         mixer f { return proj(x, d) * (x == x) }
@@ -840,13 +852,13 @@ OVERRIDE_SPEC = spec("""
 
 OVERRIDES = {
     "string-for-int": ({"d": "abc"}, "--set d='abc'",
-                       "hyper-parameter 'd' is an int, got string 'abc'", None),
+                       "hyper-parameter 'd' is an int, got string \"abc\"", None),
     "float-for-int": ({"d": 1.5}, "--set d=1.5",
                       "hyper-parameter 'd' is an int, got float 1.5", None),
     "float-text-for-int": ({"depth": "1.5"}, "--set depth=1.5",
                            "hyper-parameter 'depth' is an int, got float 1.5", None),
     "bool-for-int": ({"vocab": True}, "--set vocab=True",
-                     "hyper-parameter 'vocab' is an int, got bool True", None),
+                     "hyper-parameter 'vocab' is an int, got bool true", None),
     "non-positive-width": ({"d": -4}, "--set d=-4",
                            "hyper-parameter 'd' must be a positive int, got -4", None),
     "unknown-key": ({"dd": 4}, "--set dd=4", "unknown hyper-parameter 'dd'",
@@ -856,7 +868,7 @@ OVERRIDES = {
                                "did you mean 'expand'?"),
     "unknown-definition": ({"g.expand": 3}, "--set g.expand=3", "unknown definition 'g'", None),
     "definition-override-type": ({"f.expand": "wide"}, "--set f.expand='wide'",
-                                 "hyper-parameter 'f.expand' is an int, got string 'wide'", None),
+                                 "hyper-parameter 'f.expand' is an int, got string \"wide\"", None),
     "width-beyond-64-bits": ({"d": 2 ** 70}, f"--set d={2 ** 70}",
                              f"hyper-parameter 'd' does not fit in 64 bits ({2 ** 70:.3g})",
                              "integers must stay within ±9223372036854775807 (an int64)"),
@@ -1033,3 +1045,17 @@ def test_an_error_inside_the_standard_library_names_the_call(tmp_path, monkeypat
     first = info.value.first
     assert first.span.path.endswith("attention.seq") and "multiple of" in first.message
     assert first.hint == "in the call of 'attn' at main.seq:3:19", info.value.render()
+
+
+def test_a_long_line_is_shown_as_a_window_around_the_caret(tmp_path, monkeypatch):
+    terms = " + ".join(["x * 1.5"] * 60)
+    src = ("model m(vocab = 100, d = 16) { layers = [b] }\n"
+           f"block b {{ x = {terms} + sigmod(x) + {terms} }}\n")
+    with pytest.raises(SpecError) as info:
+        compile_files(tmp_path, monkeypatch, src)
+    shown = info.value.render().splitlines()
+    assert shown[0].startswith("main.seq:2:") and "sigmod" in shown[0]
+    assert all(len(line) < 140 for line in shown), shown
+    code, caret = shown[1].split("| ", 1)[1], shown[2].split("| ", 1)[1]
+    assert code.startswith("...") and code.endswith("...")
+    assert code[caret.index("^"):].startswith("sigmod")

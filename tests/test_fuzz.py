@@ -349,7 +349,7 @@ def test_cli_check_with_debug_shows_traceback(tmp_path):
 def test_cli_check_bad_override_is_an_error_not_a_crash(tmp_path):
     run = _seqdsl("check", str(SPECS / "mamba.seq"), "--set", "d=abc", cwd=tmp_path)
     assert run.returncode == 1
-    assert "error: hyper-parameter 'd' is an int, got string 'abc'" in run.stderr
+    assert "error: hyper-parameter 'd' is an int, got string \"abc\"" in run.stderr
     assert "Traceback" not in run.stdout + run.stderr
 
 

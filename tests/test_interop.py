@@ -264,6 +264,8 @@ def test_family_level_errors():
     _, m2 = _mamba2()
     with pytest.raises(SpecError, match="'time_step_limit'"):
         import_config({**m2.to_dict(), "time_step_limit": [0.0, 0.1]})
+    with pytest.raises(SpecError, match="'layer_norm_epsilon' is nan; a spec holds finite"):
+        import_config({**mcfg.to_dict(), "layer_norm_epsilon": float("nan")})
 
 
 def test_non_periodic_patterns_use_pattern_strings():

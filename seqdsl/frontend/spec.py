@@ -25,7 +25,7 @@ from seqdsl.frontend import ast
 from seqdsl.frontend.consteval import ConstEvaluator
 from seqdsl.frontend.parser import parse, parse_value
 from seqdsl.ir.builtins import BUILTINS, INIT_RULES, PATTERN_FUNCTIONS, RESERVED_NAMES
-from seqdsl.ir.values import check_number, is_number, type_name
+from seqdsl.ir.values import check_number, is_number, show, type_name
 
 STDLIB_PREFIX = "std/"
 
@@ -100,6 +100,9 @@ class DefinitionSpec(_Frozen):
             if isinstance(stmt, ast.Assign):
                 for t, span in zip(stmt.targets, stmt.target_spans):
                     check_identifier(t, span, "variable")
+                    if t in RESERVED_NAMES:
+                        raise _spanned(f"variable '{t}' shadows the built-in '{t}' "
+                                       f"({RESERVED_NAMES[t]})", span, "choose another name")
         returns = [s for s in self.body if isinstance(s, ast.Return)]
         shared = [s for s in self.body if isinstance(s, ast.Shared)]
         if shared:
@@ -214,11 +217,16 @@ def _display_path(p: Path) -> str:
 
 
 def _read(path: Path, span: Span) -> str:
+    """A spec file's text (UTF-8; a leading byte-order mark, as some editors write, dropped)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
-        raise error(span, f"cannot read {_display_path(path)}: not UTF-8 text "
-                    f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+        before = exc.object[:exc.start]
+        line = before.count(b"\n") + 1
+        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        raise error(Span(_display_path(path), line, col, line, col + 1),
+                    f"not UTF-8 text: byte {exc.object[exc.start]:#04x}",
+                    "save the file as UTF-8") from None
     except OSError as exc:
         raise error(span, f"cannot read {_display_path(path)}: {exc.strerror or exc}") from None
 
@@ -228,7 +236,8 @@ def load_modules(source: str | os.PathLike, text: str | None = None) -> list[ast
     if text is None:
         path = Path(source)
         if not path.is_file():
-            raise error(Span(str(source), 0, 0, 0, 0), "no such file")
+            raise error(Span(str(source), 0, 0, 0, 0),
+                        "is a folder, not a spec file" if path.is_dir() else "no such file")
         entry_key = path.resolve()
         entry_name = _display_path(path)
         text = _read(path, Span(str(source), 0, 0, 0, 0))
@@ -375,7 +384,7 @@ def _check_type(key: str, value: Any, default: Any, span: Span) -> Any:
         ok = type(value) is type(default)
     if not ok:
         raise error(span, f"hyper-parameter '{key}' is {article} {type_name(default)}, "
-                    f"got {type_name(value)} {value!r}")
+                    f"got {type_name(value)} {show(value)}")
     return value
 
 
@@ -421,7 +430,8 @@ def build_spec(modules: list[ast.Module], overrides: Mapping[str, Any] | None = 
             if pname not in [h.name for h in d.hyper]:
                 collector.add(span, f"{d.kind} '{dname}' has no hyper-parameter '{pname}'",
                               did_you_mean(pname, [h.name for h in d.hyper]) or
-                              "its hyper-parameters: " + one_of(h.name for h in d.hyper))
+                              ("its hyper-parameters: " + one_of(h.name for h in d.hyper)
+                               if d.hyper else f"{d.kind} '{dname}' takes no hyper-parameters"))
                 continue
             def_overrides.setdefault(dname, {})[pname] = value
         elif model is None or key not in [h.name for h in model.hyper]:

@@ -56,8 +56,10 @@ class _Reader:
         return value
 
     def num(self, name, default=...):
-        v = self.get(name, default, (int, float))
-        return float(v)
+        v = float(self.get(name, default, (int, float)))
+        if not math.isfinite(v):
+            self.fail(f"'{name}' is {v}; a spec holds finite numbers only")
+        return v
 
     def flag(self, name, default=...):
         return self.get(name, default, (bool,))

@@ -9,24 +9,9 @@ layers follow no period.
 
 from __future__ import annotations
 
-import re
 
 from seqdsl.interop.patterns import periodic_flags
-
-
-def lit(v) -> str:
-    """A constant as the language writes it."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, float):
-        text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + m.group(1).replace("+", "") + m.group(2),
-                      repr(v))                              # 1e-05 -> 1e-5
-        return text if ("." in text or "e" in text or "inf" in text) else text + ".0"
-    if isinstance(v, str):
-        return f'"{v}"'
-    return str(v)
+from seqdsl.ir.values import show as lit
 
 
 def _opt(name: str, value, default) -> str:

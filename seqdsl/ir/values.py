@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from dataclasses import dataclass
 
 from seqdsl.diagnostics import Span, error
@@ -50,6 +51,24 @@ def type_name(v: object) -> str:
     if isinstance(v, tuple):
         return "list"
     return type(v).__name__
+
+
+def show(v) -> str:
+    """A constant as the language writes it (``true``, ``none``, ``1e-5``, ``"gelu"``,
+    ``[1, 2]``): for generated specs and for the values error messages quote."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + m.group(1).replace("+", "") + m.group(2),
+                      repr(v))                              # 1e-05 -> 1e-5
+        return text if ("." in text or "e" in text or "inf" in text) else text + ".0"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(show(x) for x in v) + "]"
+    return str(v)
 
 
 def is_number(v: object) -> bool:

@@ -20,7 +20,7 @@ from seqdsl.ir.ops import (BINARY_ARITH, COMPARE, CONST_ONLY, ELEMENTWISE_UNARY,
                            TIME_MIXING, Op)
 from seqdsl.ir.types import (UNBOUNDED, ConstType, Dim, Interval, TensorType, TupleType, broadcast,
                              dim_div, dim_mul, dim_sum, shape_str)
-from seqdsl.ir.values import BINOP_OF_TOKEN, is_number, type_name
+from seqdsl.ir.values import BINOP_OF_TOKEN, is_number, show, type_name
 
 INF = math.inf
 
@@ -163,7 +163,7 @@ class _Infer:
                      _is_rule: "an init rule", _is_none: "none", _is_str: "a string",
                      _is_list: "a list"}
             expected = " or ".join(names[k] for k in kinds)
-            raise error(node.span, f"{what} must be {expected}, got {type_name(v)} {v!r}")
+            raise error(node.span, f"{what} must be {expected}, got {type_name(v)} {show(v)}")
         return v
 
     def _depends_on_layer(self, nid: int) -> bool:
