@@ -493,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:   # an output path that cannot be written, an unreadable input
+        if _debug():
+            raise
         where = f"{err.filename}: " if err.filename else ""
         print(f"seqdsl {args.command}: {where}{err.strerror or err}", file=sys.stderr)
         return 1
