@@ -186,9 +186,9 @@ def _check_importable_as(name: str, target: Path, span) -> None:
             found = None
         origin = getattr(found, "origin", None) or next(
             iter(getattr(found, "submodule_search_locations", None) or []), None)
-        clash = found is not None and (origin is None or
-                                       Path(origin).resolve().parent != target.resolve()
-                                       and Path(origin).resolve() != target.resolve())
+        # (the package already at target, from an earlier compile, is no clash)
+        clash = found is not None and (origin is None or target.resolve() not in
+                                       (Path(origin).resolve(), Path(origin).resolve().parent))
     if clash:
         raise error(span, f"a package named '{name}' would clash with the installed module "
                     f"'{name}'", "rename the model")

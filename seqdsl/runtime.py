@@ -460,11 +460,12 @@ def check_inputs(input_ids: torch.Tensor, state, cu_seqlens: torch.Tensor | None
     runs: token ids ``[B, T]`` of an integer dtype within the vocabulary; ``cu_seqlens`` an
     integer ``[N + 1]`` rising from 0 to T with batch 1; a state of one entry per layer whose
     tensors have the batch (or sequence) count first."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
-        raise ValueError(f"input_ids must be a [B, T] tensor of token ids, got {shape}"
-                         + (" (one sequence: input_ids[None])" if getattr(input_ids, "dim",
-                                                                        lambda: 0)() == 1 else ""))
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a [B, T] tensor of token ids, got {type(input_ids)}")
+    if input_ids.dim() != 2:
+        one = " (one sequence: input_ids[None])" if input_ids.dim() == 1 else ""
+        raise ValueError(f"input_ids must be a [B, T] tensor of token ids, got "
+                         f"{tuple(input_ids.shape)}{one}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
             or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")

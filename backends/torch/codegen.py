@@ -626,8 +626,8 @@ def source_text(text: str) -> str:
     """Text from outside (a file name, an override) made safe inside a generated comment or
     docstring: characters that are not printable, quotes and backslashes are written as escapes,
     so no name can end a line, a comment or a string of the generated source."""
-    return "".join(c if c.isprintable() and c not in "\"'\\" else
-                   c.encode("unicode_escape").decode("ascii") if c != '"' else '\\"'
+    return "".join(c if c.isprintable() and c not in '"\\' else
+                   '\\"' if c == '"' else c.encode("unicode_escape").decode("ascii")
                    for c in text)
 
 
@@ -635,12 +635,10 @@ def regenerate_command(spec, extra: str = "") -> str:
     """The ``seqdsl compile`` command line that rebuilds a module, overrides included."""
     import shlex
 
-    from seqdsl.interop.spec_writer import lit
+    from seqdsl.ir.values import show
 
     def cli_value(v) -> str:        # what --set parses back (a bare word is a string)
-        if isinstance(v, tuple):
-            return "[" + ", ".join(cli_value(x) for x in v) + "]"
-        return v if isinstance(v, str) and v.isidentifier() else lit(v)
+        return v if isinstance(v, str) and v.isidentifier() else show(v)
 
     words = ["seqdsl", "compile", Path(spec.path).name, *extra.split()]
     for key, value in sorted(spec.overrides.items()):

@@ -9,8 +9,8 @@ and a human list of what was expected.
 from __future__ import annotations
 
 import functools
-import math
 import importlib.resources
+import math
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import (UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken,

@@ -9,7 +9,6 @@ layers follow no period.
 
 from __future__ import annotations
 
-
 from seqdsl.interop.patterns import periodic_flags
 from seqdsl.ir.values import show as lit
 

@@ -63,12 +63,14 @@ def empty_time(state: str | None):
             x = bound.arguments
             if state == "scan":
                 a, b = x["a"], x["b"]
+                batch = b.shape[0]                           # (a may broadcast over it)
                 o = b.new_zeros(b.shape, dtype=output_dtype(a, b))
                 S_shape, S_dtype = b.shape[2:], compute_dtype(a, b)
             else:
                 q, k, v = x["q"], x["k"], x["v"]
+                batch = q.shape[0]
                 real = [t.real if t.is_complex() else t for t in (q, k, v)]
-                o = v.new_zeros((q.shape[0], 0, *v.shape[-2:]), dtype=output_dtype(*real))
+                o = v.new_zeros((batch, 0, *v.shape[-2:]), dtype=output_dtype(*real))
                 if state is None:
                     return o
                 S_shape = (v.shape[-2], q.shape[-1], v.shape[-1])
@@ -78,8 +80,7 @@ def empty_time(state: str | None):
             if not x["output_final_state"]:
                 return o, None
             cu = x["cu_seqlens"]
-            N = b.shape[0] if state == "scan" and cu is None else \
-                q.shape[0] if cu is None else len(cu) - 1
+            N = batch if cu is None else len(cu) - 1
             S0 = x["initial_state"]
             S = S0.to(S_dtype).clone() if S0 is not None else \
                 o.new_zeros((N, *S_shape), dtype=S_dtype)

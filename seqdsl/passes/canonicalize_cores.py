@@ -12,7 +12,6 @@ the ``lowering`` attribute set here.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 from seqdsl.diagnostics import error
@@ -115,5 +114,6 @@ def _log_of(g: Graph, nid: int, like, type_) -> int:
 
 
 def canonicalize_cores(program: Program) -> Program:
-    blocks = {name: dataclasses.replace(i, graph=canonicalize_graph(i.graph)) for name, i in program.blocks.items()}
+    blocks = {name: dataclasses.replace(i, graph=canonicalize_graph(i.graph))
+              for name, i in program.blocks.items()}
     return program.replace(stage="canonicalize_cores", blocks=blocks)

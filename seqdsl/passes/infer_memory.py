@@ -9,7 +9,6 @@ sliding window, or growing with the context). ``seqdsl info`` and the backends r
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 from seqdsl.ir.graph import Program, State

@@ -10,7 +10,6 @@ channel mixers that would mix time, and that every block keeps the residual stre
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 from seqdsl.diagnostics import Collector, SpecError, error
@@ -806,10 +805,11 @@ def _check_init(init: InitRule, shape: tuple[int, ...], span) -> None:
         raise error(span, f"init rule {init!r} takes logarithms: low must be >= 0")
     if init.name == "logit_pow_uniform" and not (0 < args["low"] and args["high"] < 1):
         raise error(span, f"init rule {init!r}: the range must lie inside (0, 1)")
-    for name in ("std", "gain", "floor", "power"):
-        if name in args and args[name] < 0 or name == "power" and args.get(name) == 0:
-            raise error(span, f"init rule {init!r}: {name} must be "
-                        f"{'> 0' if name == 'power' else '>= 0'}, got {args[name]}")
+    for name, positive in (("std", False), ("gain", False), ("floor", False), ("power", True)):
+        v = args.get(name)
+        if v is not None and (v <= 0 if positive else v < 0):
+            bound = "> 0" if positive else ">= 0"
+            raise error(span, f"init rule {init!r}: {name} must be {bound}, got {v}")
 
 
 def _check_channels(g: Graph) -> None:
